@@ -1,0 +1,78 @@
+//! The `wasmgate` command line, kept in the library so that tests can run the very same code
+//! as the binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// An API gateway whose policies run as sandboxed WebAssembly components.
+#[derive(Parser)]
+#[command(name = "wasmgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves the routes of a manifest until SIGINT or SIGTERM.
+    Run {
+        /// The manifest file.
+        #[arg(short, long, env = "WASMGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Loads a manifest and every plugin it names, checks every plugin configuration, and
+    /// reports every problem found. Exits 0 when there is none.
+    Check {
+        /// The manifest file.
+        #[arg(short, long, env = "WASMGATE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Parses the process arguments, runs the command, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::Check { config } => match crate::check(&config) {
+            Ok(()) => {
+                println!("OK: {}", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("cannot start the async runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                match crate::Gateway::start(&config).await {
+                    Ok(gateway) => {
+                        gateway.run_until_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => {
+                        eprintln!("{err}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! wasmgate: an API gateway whose policies run as sandboxed WebAssembly components.
+//!
+//! The crate is both the `wasmgate` binary and a library, so that tests and embedders can run a
+//! gateway in-process. The pieces, in the order a request meets them:
+//!
+//! - [`server`]: listeners and connections (hyper 1.x, HTTP/1.1 and HTTP/2);
+//! - [`router`]: host, path and method matching, with a documented precedence;
+//! - [`proxy`]: the request phase of the route's plugin chain, the upstream call, the response
+//!   phase;
+//! - [`runtime`]: the wasmtime engine, compiled plugins and per-request instances;
+//! - [`upstream`]: target selection and pooled keep-alive connections.
+//!
+//! [`manifest`] parses the YAML the operator writes; [`snapshot`] turns it into the immutable
+//! set of routes, plugins and upstreams that the proxy serves from.
+
+pub mod body;
+pub mod cli;
+pub mod manifest;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+pub use server::{Gateway, StartError, check};

@@ -1,0 +1,5 @@
+//! The `wasmgate` binary; everything it does lives in [`wasmgate::cli`].
+
+fn main() -> std::process::ExitCode {
+    wasmgate::cli::main()
+}

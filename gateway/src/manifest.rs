@@ -1,0 +1,533 @@
+//! The manifest: the YAML file that declares listeners, plugins, upstreams and routes.
+//!
+//! This module only parses and checks what can be checked from the text alone (types, unknown
+//! fields, references between sections, duplicate names). Compiling plugins and running their
+//! config validation happens when a [`Snapshot`](crate::snapshot::Snapshot) is built from it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// The only manifest version this gateway reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// A parsed manifest, with the file it came from.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Where the manifest was read from; relative plugin paths resolve against its folder.
+    pub path: PathBuf,
+    /// Its contents.
+    pub spec: ManifestSpec,
+}
+
+/// The manifest's top level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSpec {
+    /// Format version; must be 1.
+    pub version: u32,
+    /// Sockets the gateway accepts client connections on. Every route is served on every listener.
+    pub listeners: Vec<Spanned<ListenerSpec>>,
+    /// Defaults for the budgets of every plugin; a plugin declaration may override them.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Plugins, declared once by name and used by any number of routes.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, Spanned<PluginSpec>>,
+    /// Upstream services, by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<UpstreamSpec>>,
+    /// Routes, tried in the precedence order documented in the README (not file order).
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteSpec>>,
+}
+
+/// A listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    /// Name used in logs.
+    pub name: String,
+    /// Address to bind, e.g. `127.0.0.1:8080` (port 0 picks a free port).
+    pub bind: SocketAddr,
+}
+
+/// Global defaults for plugin budgets and request handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSpec {
+    /// Longest time one plugin call (configure, request or response phase) may run.
+    #[serde(with = "humantime_serde")]
+    pub plugin_deadline: Duration,
+    /// Most linear memory one plugin instance may grow to, in bytes or with a unit (`16MiB`).
+    pub plugin_memory: ByteSize,
+    /// Largest request body buffered for plugins that read bodies; a larger one gets 413.
+    pub max_body: ByteSize,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec {
+            plugin_deadline: Duration::from_millis(50),
+            plugin_memory: ByteSize(16 << 20),
+            max_body: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// A plugin declaration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Path to the component (`.wasm`), relative to the manifest's folder.
+    pub source: PathBuf,
+    /// Whether the plugin may read and replace request bodies. Routes that use such a plugin
+    /// buffer bodies up to `limits.max_body`; other routes stream them untouched.
+    #[serde(default)]
+    pub body: bool,
+    /// Overrides `limits.plugin_deadline` for this plugin.
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    /// Overrides `limits.plugin_memory` for this plugin.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+}
+
+/// An upstream service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    /// Servers that can answer; requests are spread over them in turn.
+    pub targets: Vec<TargetSpec>,
+    /// Longest wait for the response head after the request was sent (504 past it).
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait for a TCP connection (502 past it).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// One server of an upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Base URL, `http://host:port`.
+    pub url: String,
+}
+
+/// A route: which requests it takes, where they go, and the chain they pass through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Unique name, used in logs and errors and shown to plugins.
+    pub name: String,
+    /// Which requests this route takes.
+    #[serde(rename = "match")]
+    pub matcher: MatchSpec,
+    /// Name of the upstream in `upstreams`.
+    pub upstream: String,
+    /// A prefix removed from the path before it is forwarded, e.g. `/api`.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Overrides the upstream's `timeout` for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// The chain: request phase in this order, response phase in reverse.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<PluginUseSpec>>,
+}
+
+/// What a route matches. `path` and `prefix` are exclusive; with neither, the route takes every
+/// path.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Exact host (`api.example.com`) or a wildcard for subdomains (`*.example.com`). The port of
+    /// the request's host is ignored. Without it, any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A path template: literal (`/health`), with parameters (`/users/{id}`), or ending in a
+    /// catch-all (`/files/{*rest}`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A path prefix on segment boundaries: `/api` takes `/api`, `/api/` and `/api/x`, not
+    /// `/apix`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Methods taken (upper case). Without it, every method.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+}
+
+/// A plugin's place in a route's chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginUseSpec {
+    /// Name of the plugin in `plugins`.
+    pub name: String,
+    /// Configuration handed to the plugin, as JSON, when the manifest loads.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// A size in bytes, written as a number or with a unit: `512`, `64KiB`, `16MiB`, `1GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size such as 512, 64KiB or 16MiB"))?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB or GiB)"
+                ));
+            }
+        };
+        number
+            .checked_mul(scale)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+/// One problem found in a manifest, located as precisely as the problem allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// 1-based line in the manifest, when known.
+    pub line: Option<u64>,
+    /// The route concerned, if any.
+    pub route: Option<String>,
+    /// The plugin concerned, if any.
+    pub plugin: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ManifestError {
+    /// An error about the manifest as a whole.
+    pub fn new(file: &Path, message: impl Into<String>) -> Self {
+        ManifestError {
+            file: file.to_path_buf(),
+            line: None,
+            route: None,
+            plugin: None,
+            message: message.into(),
+        }
+    }
+
+    /// Locates the error at a line (0 means unknown, as serde-saphyr reports it).
+    pub fn at_line(mut self, line: u64) -> Self {
+        self.line = (line > 0).then_some(line);
+        self
+    }
+
+    /// Names the route concerned.
+    pub fn in_route(mut self, route: &str) -> Self {
+        self.route = Some(route.to_string());
+        self
+    }
+
+    /// Names the plugin concerned.
+    pub fn for_plugin(mut self, plugin: &str) -> Self {
+        self.plugin = Some(plugin.to_string());
+        self
+    }
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(route) = &self.route {
+            write!(f, "route `{route}`: ")?;
+        }
+        if let Some(plugin) = &self.plugin {
+            write!(f, "plugin `{plugin}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// Every problem found in a manifest, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ManifestErrors {}
+
+impl Manifest {
+    /// Reads, parses and checks a manifest file.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestErrors> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ManifestErrors(vec![ManifestError::new(
+                path,
+                format!("cannot read the manifest: {err}"),
+            )])
+        })?;
+        Manifest::parse(path, &text)
+    }
+
+    /// Parses and checks manifest text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestErrors> {
+        let spec: ManifestSpec = serde_saphyr::from_str(text).map_err(|err| {
+            ManifestErrors(vec![ManifestError::new(path, describe_yaml_error(&err))])
+        })?;
+        let manifest = Manifest {
+            path: path.to_path_buf(),
+            spec,
+        };
+        let errors = manifest.check();
+        if errors.is_empty() {
+            Ok(manifest)
+        } else {
+            Err(ManifestErrors(errors))
+        }
+    }
+
+    /// The folder relative paths resolve against.
+    pub fn base_dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+
+    /// Resolves a path from the manifest against its folder.
+    pub fn resolve(&self, relative: &Path) -> PathBuf {
+        self.base_dir().join(relative)
+    }
+
+    /// Checks what the text alone can tell: version, names, references, match syntax.
+    fn check(&self) -> Vec<ManifestError> {
+        let file = self.path.as_path();
+        let spec = &self.spec;
+        let mut errors = Vec::new();
+
+        if spec.version != MANIFEST_VERSION {
+            errors.push(ManifestError::new(
+                file,
+                format!(
+                    "unsupported manifest version {} (this gateway reads version {MANIFEST_VERSION})",
+                    spec.version
+                ),
+            ));
+        }
+        if spec.listeners.is_empty() {
+            errors.push(ManifestError::new(
+                file,
+                "no listeners: add at least one under `listeners`",
+            ));
+        }
+        let mut listener_names = std::collections::HashSet::new();
+        for listener in &spec.listeners {
+            if !listener_names.insert(listener.value.name.as_str()) {
+                errors.push(
+                    ManifestError::new(
+                        file,
+                        format!("listener name `{}` is used twice", listener.value.name),
+                    )
+                    .at_line(listener.referenced.line()),
+                );
+            }
+        }
+        for (name, upstream) in &spec.upstreams {
+            if upstream.value.targets.is_empty() {
+                errors.push(
+                    ManifestError::new(file, format!("upstream `{name}` has no targets"))
+                        .at_line(upstream.referenced.line()),
+                );
+            }
+            for target in &upstream.value.targets {
+                if let Err(message) = crate::upstream::parse_target(&target.url) {
+                    errors.push(
+                        ManifestError::new(file, format!("upstream `{name}`: {message}"))
+                            .at_line(upstream.referenced.line()),
+                    );
+                }
+            }
+        }
+
+        let mut route_names = std::collections::HashSet::new();
+        for route in &spec.routes {
+            let line = route.referenced.line();
+            let r = &route.value;
+            let here = || ManifestError::new(file, "").at_line(line).in_route(&r.name);
+            let fail = |message: String| ManifestError { message, ..here() };
+            if !route_names.insert(r.name.as_str()) {
+                errors.push(fail("the route name is used twice".into()));
+            }
+            if !spec.upstreams.contains_key(&r.upstream) {
+                errors.push(fail(format!(
+                    "unknown upstream `{}` (declared: {})",
+                    r.upstream,
+                    list_names(spec.upstreams.keys())
+                )));
+            }
+            if let Err(message) = crate::router::check_match(&r.matcher) {
+                errors.push(fail(message));
+            }
+            if let Some(strip) = &r.strip_prefix {
+                let routed = r.matcher.prefix.as_deref().or(r.matcher.path.as_deref());
+                if !strip.starts_with('/') {
+                    errors.push(fail(format!("strip_prefix `{strip}` must start with `/`")));
+                } else if routed.is_some_and(|p| !p.starts_with(strip.as_str())) {
+                    errors.push(fail(format!(
+                        "strip_prefix `{strip}` is not a prefix of the route's path"
+                    )));
+                }
+            }
+            for used in &r.plugins {
+                if !spec.plugins.contains_key(&used.value.name) {
+                    errors.push(
+                        ManifestError::new(
+                            file,
+                            format!(
+                                "unknown plugin (declared: {})",
+                                list_names(spec.plugins.keys())
+                            ),
+                        )
+                        .at_line(used.referenced.line())
+                        .in_route(&r.name)
+                        .for_plugin(&used.value.name),
+                    );
+                }
+            }
+        }
+        errors
+    }
+}
+
+fn list_names<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// serde-saphyr renders errors with a source snippet; the first line carries the message and
+/// its position, which is what a one-line operator error needs.
+fn describe_yaml_error(err: &serde_saphyr::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("invalid YAML")
+        .trim()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
+        Manifest::parse(Path::new("gw.yaml"), text)
+    }
+
+    const BASE: &str = "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\n";
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("512".parse::<ByteSize>(), Ok(ByteSize(512)));
+        assert_eq!("64KiB".parse::<ByteSize>(), Ok(ByteSize(64 << 10)));
+        assert_eq!("16MiB".parse::<ByteSize>(), Ok(ByteSize(16 << 20)));
+        assert!("16MB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_a_line() {
+        let err = parse(&format!("{BASE}colour: blue\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("gw.yaml: "), "{text}");
+        assert!(text.contains("colour"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn references_are_checked_with_route_plugin_and_line() {
+        let text = format!(
+            "{BASE}upstreams:\n  up: {{ targets: [{{ url: \"http://127.0.0.1:1\" }}] }}\nroutes:\n  - name: r1\n    match: {{ prefix: / }}\n    upstream: nowhere\n    plugins:\n      - name: ghost\n"
+        );
+        let errors = parse(&text).unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(
+            errors[0].to_string(),
+            "gw.yaml:6: route `r1`: unknown upstream `nowhere` (declared: up)"
+        );
+        assert_eq!(
+            errors[1].to_string(),
+            "gw.yaml:10: route `r1`: plugin `ghost`: unknown plugin (declared: none)"
+        );
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let err =
+            parse("version: 2\nlisteners: [{ name: a, bind: \"127.0.0.1:0\" }]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported manifest version 2"),
+            "{err}"
+        );
+    }
+}

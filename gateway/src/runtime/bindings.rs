@@ -1,0 +1,18 @@
+//! Host-side bindings generated from the WIT package in `wit/`.
+//!
+//! The generated code stays in the private `generated` module; the rest of the crate uses the few
+//! names re-exported here.
+
+#[allow(missing_docs, clippy::all)]
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        // Every import may trap: the host refuses calls made outside their phase.
+        imports: { default: trappable },
+    });
+}
+
+pub(crate) use generated::wasmgate::plugin::{log, properties, request, response, types};
+pub(crate) use generated::{Plugin as PluginWorld, PluginPre as PluginWorldPre};
+pub(crate) use types::{Action, ImmediateResponse, LogLevel};

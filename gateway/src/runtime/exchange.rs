@@ -1,0 +1,119 @@
+//! The per-request data that plugins read and edit through their imports.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+
+/// Which phase a plugin call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// `handler.configure`, when the manifest loads or an instance starts.
+    Configure,
+    /// `handler.on-request`.
+    Request,
+    /// `handler.on-response`.
+    Response,
+}
+
+impl Phase {
+    /// The phase's name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Configure => "configure",
+            Phase::Request => "request",
+            Phase::Response => "response",
+        }
+    }
+}
+
+/// One request/response exchange, owned by the proxy and lent to each plugin call in turn.
+///
+/// It is boxed and moved into a plugin's store for the length of a call, then moved back: no
+/// locking, no copying of headers, and no way for a plugin to keep a reference past its call.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Method, URI and headers of the request as it will go upstream.
+    pub request: http::request::Parts,
+    /// The buffered request body, when the route has a plugin that reads bodies.
+    pub body: Option<Bytes>,
+    /// Status and headers of the response, once there is one.
+    pub response: Option<http::response::Parts>,
+    /// Properties shared along the chain.
+    pub properties: HashMap<String, String>,
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// The matched route's name.
+    pub route: Arc<str>,
+}
+
+impl Exchange {
+    /// Starts an exchange for a request.
+    pub fn new(request: http::request::Parts, client_addr: SocketAddr, route: Arc<str>) -> Self {
+        Exchange {
+            request,
+            body: None,
+            response: None,
+            properties: HashMap::new(),
+            client_addr,
+            route,
+        }
+    }
+}
+
+/// Headers no plugin may set or remove: they frame the message or belong to one connection, and
+/// the proxy manages them itself (RFC 9110 section 7.6.1).
+pub fn is_protected_header(name: &HeaderName, phase_is_request: bool) -> bool {
+    use http::header::*;
+    name == CONTENT_LENGTH
+        || name == TRANSFER_ENCODING
+        || name == CONNECTION
+        || name == TE
+        || name == TRAILER
+        || name == UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+        || (phase_is_request && name == HOST)
+}
+
+/// Checks a header a plugin wants to write.
+pub fn checked_header(
+    name: &str,
+    value: &str,
+    phase_is_request: bool,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let name = checked_name(name, phase_is_request)?;
+    // HeaderValue refuses CR, LF, NUL and other control characters except tab.
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| format!("the value of `{name}` contains a control character"))?;
+    Ok((name, value))
+}
+
+/// Checks a header name a plugin wants to write or remove.
+pub fn checked_name(name: &str, phase_is_request: bool) -> Result<HeaderName, String> {
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("`{}` is not a valid header name", name.escape_debug()))?;
+    if is_protected_header(&name, phase_is_request) {
+        return Err(format!("`{name}` is managed by the gateway"));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_injection_and_framing_headers() {
+        assert!(checked_header("x-ok", "fine value", true).is_ok());
+        assert!(checked_header("x-bad", "a\r\nx-evil: 1", true).is_err());
+        assert!(checked_header("x-bad", "a\0b", true).is_err());
+        assert!(checked_header("bad name", "v", true).is_err());
+        assert!(checked_header("Content-Length", "0", true).is_err());
+        assert!(checked_header("transfer-encoding", "chunked", false).is_err());
+        assert!(checked_header("host", "evil", true).is_err());
+        assert!(checked_header("host", "fine", false).is_ok());
+    }
+}

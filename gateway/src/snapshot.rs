@@ -1,0 +1,171 @@
+//! Everything built from one manifest: compiled plugins, upstream pools, routes and the router.
+//!
+//! A snapshot is immutable once built. The proxy reads the current one through an `ArcSwap`, so a
+//! later reload can build a new snapshot off the request path and swap it in whole; a request
+//! keeps the snapshot it started with until it ends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+
+use crate::manifest::{ListenerSpec, Manifest, ManifestError, ManifestErrors};
+use crate::router::{RouteMatch, Router, RouterBuilder};
+use crate::runtime::{LoadedPlugin, PluginBudget, Runtime};
+use crate::upstream::Upstream;
+
+/// A route ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name.
+    pub name: Arc<str>,
+    /// Where requests go.
+    pub upstream: Arc<Upstream>,
+    /// Removed from the front of the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// Longest wait for the upstream's response head.
+    pub timeout: Duration,
+    /// The plugin chain, in request-phase order.
+    pub chain: Vec<ChainLink>,
+    /// Whether a plugin in the chain reads bodies, so bodies are buffered.
+    pub buffer_body: bool,
+}
+
+/// One plugin in a route's chain, with the configuration this route gives it.
+#[derive(Debug)]
+pub struct ChainLink {
+    /// The compiled plugin.
+    pub plugin: Arc<LoadedPlugin>,
+    /// The configuration, as the JSON text handed to `configure`.
+    pub config: String,
+}
+
+/// The immutable result of loading a manifest.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The listeners the manifest declares.
+    pub listeners: Vec<ListenerSpec>,
+    /// Largest body buffered for plugins.
+    pub max_body: u64,
+    routes: Vec<Route>,
+    router: Router,
+}
+
+impl Snapshot {
+    /// Compiles every plugin, checks every plugin use's configuration and builds the routes.
+    /// Returns every problem found, not just the first.
+    pub fn build(manifest: &Manifest, runtime: &Runtime) -> Result<Snapshot, ManifestErrors> {
+        let file = manifest.path.as_path();
+        let spec = &manifest.spec;
+        let mut errors = Vec::new();
+
+        let mut plugins: BTreeMap<&str, Arc<LoadedPlugin>> = BTreeMap::new();
+        for (name, declared) in &spec.plugins {
+            let budget = PluginBudget {
+                deadline: declared
+                    .value
+                    .deadline
+                    .unwrap_or(spec.limits.plugin_deadline),
+                memory: declared.value.memory.unwrap_or(spec.limits.plugin_memory).0,
+                body: declared.value.body,
+            };
+            let path = manifest.resolve(&declared.value.source);
+            match runtime.load(name, &path, budget) {
+                Ok(plugin) => {
+                    plugins.insert(name, Arc::new(plugin));
+                }
+                Err(message) => errors.push(
+                    ManifestError::new(file, message)
+                        .at_line(declared.referenced.line())
+                        .for_plugin(name),
+                ),
+            }
+        }
+
+        let mut upstreams = BTreeMap::new();
+        for (name, declared) in &spec.upstreams {
+            match Upstream::new(name, &declared.value) {
+                Ok(upstream) => {
+                    upstreams.insert(name.as_str(), Arc::new(upstream));
+                }
+                Err(message) => errors.push(
+                    ManifestError::new(file, format!("upstream `{name}`: {message}"))
+                        .at_line(declared.referenced.line()),
+                ),
+            }
+        }
+
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        let mut router = RouterBuilder::default();
+        for spanned in &spec.routes {
+            let route = &spanned.value;
+            let line = spanned.referenced.line();
+            if let Err(message) = router.add(routes.len(), &route.matcher) {
+                errors.push(
+                    ManifestError::new(file, message)
+                        .at_line(line)
+                        .in_route(&route.name),
+                );
+            }
+            let mut chain = Vec::with_capacity(route.plugins.len());
+            for used in &route.plugins {
+                let Some(plugin) = plugins.get(used.value.name.as_str()) else {
+                    continue; // Reported when the plugin failed to load.
+                };
+                let config = used
+                    .value
+                    .config
+                    .as_ref()
+                    .map_or_else(|| "null".to_string(), |c| c.to_string());
+                // A throw-away instance runs the plugin's own validation of this config.
+                if let Err(err) = plugin.instantiate(&config) {
+                    errors.push(
+                        ManifestError::new(file, err.to_string())
+                            .at_line(used.referenced.line())
+                            .in_route(&route.name)
+                            .for_plugin(&used.value.name),
+                    );
+                }
+                chain.push(ChainLink {
+                    plugin: plugin.clone(),
+                    config,
+                });
+            }
+            let Some(upstream) = upstreams.get(route.upstream.as_str()) else {
+                continue; // Reported by the manifest check or the upstream's own error.
+            };
+            routes.push(Route {
+                name: Arc::from(route.name.as_str()),
+                upstream: upstream.clone(),
+                strip_prefix: route.strip_prefix.clone(),
+                timeout: route.timeout.unwrap_or(upstream.timeout),
+                buffer_body: chain.iter().any(|link| link.plugin.wants_body()),
+                chain,
+            });
+        }
+
+        if !errors.is_empty() {
+            return Err(ManifestErrors(errors));
+        }
+        Ok(Snapshot {
+            listeners: spec.listeners.iter().map(|l| l.value.clone()).collect(),
+            max_body: spec.limits.max_body.0,
+            routes,
+            router: router.build(),
+        })
+    }
+
+    /// Finds the route for a request.
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &Method,
+    ) -> Result<&Route, RouteMatch> {
+        match self.router.lookup(host, path, method) {
+            RouteMatch::Found(index) => Ok(&self.routes[index]),
+            other => Err(other),
+        }
+    }
+}

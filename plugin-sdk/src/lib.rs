@@ -1,0 +1,516 @@
+//! Write [wasmgate](https://example.invalid/wasmgate) policy plugins in Rust.
+//!
+//! A plugin is a type that implements [`Plugin`]: it is built from its typed configuration when an
+//! instance starts, then sees the request (request phase) and the response (response phase) of the
+//! exchange it serves. One [`export_plugin!`] line turns it into a `wasm32-wasip2` component:
+//!
+//! ```ignore
+//! use wasmgate_plugin_sdk::{export_plugin, Action, Plugin, Request, Response};
+//!
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Config {
+//!     /// Value of the `x-hello` header added to every request.
+//!     greeting: String,
+//! }
+//!
+//! struct Hello {
+//!     greeting: String,
+//! }
+//!
+//! impl Plugin for Hello {
+//!     type Config = Config;
+//!
+//!     fn new(config: Config) -> Result<Self, String> {
+//!         if config.greeting.is_empty() {
+//!             return Err("greeting must not be empty".into());
+//!         }
+//!         Ok(Hello { greeting: config.greeting })
+//!     }
+//!
+//!     fn on_request(&self, request: &mut Request) -> Action {
+//!         match request.set_header("x-hello", &self.greeting) {
+//!             Ok(()) => Action::Continue,
+//!             Err(_) => Action::Respond(ImmediateResponse::new(500)),
+//!         }
+//!     }
+//! }
+//!
+//! export_plugin!(Hello);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` (the crate's `crate-type` must
+//! include `cdylib`) and name the `.wasm` file in the gateway's manifest.
+//!
+//! # Instances
+//!
+//! The gateway gives every request a fresh instance of each plugin in its route's chain, so a
+//! plugin's globals never carry one request's data into another. Within one request the same
+//! instance runs both phases: state kept in the plugin value between [`Plugin::on_request`] and
+//! [`Plugin::on_response`] belongs to that request alone.
+
+// Lets the generated bindings name this crate by its public path, from inside and outside alike.
+extern crate self as wasmgate_plugin_sdk;
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::de::DeserializeOwned;
+
+#[doc(hidden)]
+#[allow(unsafe_code, missing_docs, clippy::all)]
+pub mod __private {
+    //! Generated bindings and glue used by [`export_plugin!`](crate::export_plugin). Not part
+    //! of the SDK's API.
+    pub use wit_bindgen;
+
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_world_plugin",
+        default_bindings_module: "::wasmgate_plugin_sdk::__private",
+        runtime_path: "::wasmgate_plugin_sdk::__private::wit_bindgen::rt",
+    });
+
+    pub use self::exports::wasmgate::plugin::handler::Guest;
+    pub use self::wasmgate::plugin::types::Action as WitAction;
+    pub use crate::glue::{configure, on_request, on_response};
+}
+
+use __private::wasmgate::plugin as wit;
+
+/// A policy plugin.
+///
+/// Every hook has a default that lets the exchange pass unchanged, so a plugin implements only the
+/// phases it cares about.
+pub trait Plugin: Sized + Send + Sync + 'static {
+    /// The plugin's configuration, deserialised from the `config` of its entry in a route's chain.
+    ///
+    /// When the manifest gives no `config`, it is deserialised from `null` and, failing that, from
+    /// an empty map, so both `()` and a struct whose fields all have defaults work.
+    type Config: DeserializeOwned;
+
+    /// Builds the plugin from its configuration.
+    ///
+    /// Runs when the manifest loads, so that a configuration this returns an error for is refused
+    /// before any request is served (the gateway reports the message with the route and plugin),
+    /// and again at the start of every instance.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// The request phase, in chain order, before the upstream is called.
+    ///
+    /// Returning [`Action::Respond`] answers the client at once: later plugins and the upstream
+    /// are skipped. The default continues.
+    fn on_request(&self, request: &mut Request) -> Action {
+        let _ = request;
+        Action::Continue
+    }
+
+    /// The response phase, in reverse chain order, once the response head is known.
+    ///
+    /// Runs for every plugin whose request phase continued, whether the response came from the
+    /// upstream, from a later plugin's [`Action::Respond`], or from the gateway (a 502 or 504).
+    /// The default leaves the response unchanged.
+    fn on_response(&self, request: &Request, response: &mut Response) {
+        let _ = (request, response);
+    }
+}
+
+/// What the request phase decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Pass the request on to the next plugin, then to the upstream.
+    Continue,
+    /// Answer the client with this response; the upstream is never called.
+    Respond(ImmediateResponse),
+}
+
+/// A complete response produced by a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImmediateResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// Headers, in order. The gateway computes `content-length` itself.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl ImmediateResponse {
+    /// A response with this status, no headers and an empty body.
+    pub fn new(status: u16) -> Self {
+        ImmediateResponse {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+}
+
+/// An error returned by the gateway for a host call it refused, such as a header value that
+/// contains a line break.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostError(String);
+
+impl HostError {
+    /// The gateway's explanation.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// The request of the current exchange.
+///
+/// Hooks receive `&mut Request` in the request phase, where it can be changed, and `&Request` in
+/// the response phase, where it is read-only. Every read asks the gateway, which owns the data.
+#[derive(Debug)]
+pub struct Request {
+    _private: (),
+}
+
+impl Request {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> String {
+        wit::request::method()
+    }
+
+    /// The path without the query string, as routed.
+    pub fn path(&self) -> String {
+        wit::request::path()
+    }
+
+    /// The query string without the leading `?`, if there is one.
+    pub fn query(&self) -> Option<String> {
+        wit::request::query()
+    }
+
+    /// The first value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        wit::request::header(name)
+    }
+
+    /// Every value of a header, in order.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        wit::request::header_values(name)
+    }
+
+    /// All headers, in order, with lower-case names.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        wit::request::headers()
+    }
+
+    /// The client's socket address, e.g. `127.0.0.1:53412`.
+    pub fn client_addr(&self) -> String {
+        wit::request::client_addr()
+    }
+
+    /// The name of the route that matched.
+    pub fn route_name(&self) -> String {
+        wit::request::route_name()
+    }
+
+    /// The buffered request body; fails unless the plugin's manifest entry sets `body: true`.
+    pub fn body(&self) -> Result<Vec<u8>, HostError> {
+        wit::request::body().map_err(HostError)
+    }
+
+    /// Replaces every value of a header with `value`.
+    pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        wit::request::set_header(name, value).map_err(HostError)
+    }
+
+    /// Appends a value to a header.
+    pub fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        wit::request::add_header(name, value).map_err(HostError)
+    }
+
+    /// Removes every value of a header.
+    pub fn remove_header(&mut self, name: &str) -> Result<(), HostError> {
+        wit::request::remove_header(name).map_err(HostError)
+    }
+
+    /// Replaces the request body; fails unless the plugin's manifest entry sets `body: true`.
+    pub fn set_body(&mut self, body: &[u8]) -> Result<(), HostError> {
+        wit::request::set_body(body).map_err(HostError)
+    }
+}
+
+/// The response of the current exchange, in the response phase.
+#[derive(Debug)]
+pub struct Response {
+    _private: (),
+}
+
+impl Response {
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        wit::response::status()
+    }
+
+    /// Changes the status code (100 to 999).
+    pub fn set_status(&mut self, status: u16) -> Result<(), HostError> {
+        wit::response::set_status(status).map_err(HostError)
+    }
+
+    /// The first value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        wit::response::header(name)
+    }
+
+    /// Every value of a header, in order.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        wit::response::header_values(name)
+    }
+
+    /// All headers, in order, with lower-case names.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        wit::response::headers()
+    }
+
+    /// Replaces every value of a header with `value`.
+    pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        wit::response::set_header(name, value).map_err(HostError)
+    }
+
+    /// Appends a value to a header.
+    pub fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        wit::response::add_header(name, value).map_err(HostError)
+    }
+
+    /// Removes every value of a header.
+    pub fn remove_header(&mut self, name: &str) -> Result<(), HostError> {
+        wit::response::remove_header(name).map_err(HostError)
+    }
+}
+
+/// Header edits that the request (in the request phase) and the response have in common, so that
+/// one piece of plugin code can serve both.
+pub trait EditHeaders {
+    /// Replaces every value of a header with `value`.
+    fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
+    /// Appends a value to a header.
+    fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
+    /// Removes every value of a header.
+    fn remove_header(&mut self, name: &str) -> Result<(), HostError>;
+}
+
+macro_rules! delegate_edit_headers {
+    ($ty:ty) => {
+        impl EditHeaders for $ty {
+            fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+                <$ty>::set_header(self, name, value)
+            }
+            fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+                <$ty>::add_header(self, name, value)
+            }
+            fn remove_header(&mut self, name: &str) -> Result<(), HostError> {
+                <$ty>::remove_header(self, name)
+            }
+        }
+    };
+}
+
+delegate_edit_headers!(Request);
+delegate_edit_headers!(Response);
+
+/// Properties of the current request, shared along the chain and dropped when it ends.
+pub mod properties {
+    use super::{HostError, wit};
+
+    /// The value of a property, if a plugin earlier in the chain set it.
+    pub fn get(key: &str) -> Option<String> {
+        wit::properties::get(key)
+    }
+
+    /// Sets a property for the plugins that run after this one (and for the response phase).
+    pub fn set(key: &str, value: &str) -> Result<(), HostError> {
+        wit::properties::set(key, value).map_err(HostError)
+    }
+}
+
+/// Log lines written through the gateway's log output, tagged with the plugin's name.
+pub mod log {
+    use super::wit::log::log;
+    use super::wit::types::LogLevel;
+
+    /// Logs at trace level.
+    pub fn trace(message: &str) {
+        log(LogLevel::Trace, message);
+    }
+
+    /// Logs at debug level.
+    pub fn debug(message: &str) {
+        log(LogLevel::Debug, message);
+    }
+
+    /// Logs at info level.
+    pub fn info(message: &str) {
+        log(LogLevel::Info, message);
+    }
+
+    /// Logs at warn level.
+    pub fn warn(message: &str) {
+        log(LogLevel::Warn, message);
+    }
+
+    /// Logs at error level.
+    pub fn error(message: &str) {
+        log(LogLevel::Error, message);
+    }
+}
+
+/// Exports a [`Plugin`] implementation as the component's `handler`.
+///
+/// Use it once per plugin crate, at the top level:
+///
+/// ```ignore
+/// wasmgate_plugin_sdk::export_plugin!(MyPlugin);
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        #[allow(unsafe_code)]
+        const _: () = {
+            struct WasmgateExport;
+            static INSTANCE: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
+
+            impl $crate::__private::Guest for WasmgateExport {
+                fn configure(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                    $crate::__private::configure::<$plugin>(&INSTANCE, &config)
+                }
+
+                fn on_request() -> $crate::__private::WitAction {
+                    $crate::__private::on_request::<$plugin>(&INSTANCE)
+                }
+
+                fn on_response() {
+                    $crate::__private::on_response::<$plugin>(&INSTANCE)
+                }
+            }
+
+            // Exported only in the component: host builds (the plugin's unit tests) have no use
+            // for the component ABI symbols, and host linkers refuse their names.
+            #[cfg(target_family = "wasm")]
+            $crate::__private::__export_world_plugin!(WasmgateExport with_types_in $crate::__private);
+            // ...and this keeps the plugin's code counted as used in those host builds.
+            #[cfg(not(target_family = "wasm"))]
+            let _ = <WasmgateExport as $crate::__private::Guest>::configure;
+        };
+    };
+}
+
+mod glue {
+    //! What the exported functions do, kept out of the macro so that it is type-checked once.
+    use super::*;
+
+    /// `handler.configure`: parses the configuration and builds the plugin.
+    pub fn configure<P: Plugin>(slot: &OnceLock<P>, config: &str) -> Result<(), String> {
+        let parsed = parse_config::<P::Config>(config)?;
+        let plugin = P::new(parsed)?;
+        // A second `configure` on the same instance keeps the first plugin: the gateway never
+        // does this, and replacing state under a running instance would be surprising.
+        let _ = slot.set(plugin);
+        Ok(())
+    }
+
+    /// `handler.on-request`: runs [`Plugin::on_request`].
+    pub fn on_request<P: Plugin>(slot: &OnceLock<P>) -> __private::WitAction {
+        let mut request = Request { _private: () };
+        match configured(slot).on_request(&mut request) {
+            Action::Continue => __private::WitAction::Continue,
+            Action::Respond(response) => {
+                __private::WitAction::Respond(wit::types::ImmediateResponse {
+                    status: response.status,
+                    headers: response.headers,
+                    body: response.body,
+                })
+            }
+        }
+    }
+
+    /// `handler.on-response`: runs [`Plugin::on_response`].
+    pub fn on_response<P: Plugin>(slot: &OnceLock<P>) {
+        let request = Request { _private: () };
+        let mut response = Response { _private: () };
+        configured(slot).on_response(&request, &mut response);
+    }
+
+    fn configured<P>(slot: &OnceLock<P>) -> &P {
+        // The gateway always configures an instance before its first phase; a trap is the
+        // honest answer if that contract is ever broken.
+        slot.get()
+            .expect("wasmgate called a phase before configure")
+    }
+
+    /// Deserialises the configuration, treating a missing one as `null`, then as `{}`.
+    pub(crate) fn parse_config<C: DeserializeOwned>(config: &str) -> Result<C, String> {
+        match serde_json::from_str::<C>(config) {
+            Ok(parsed) => Ok(parsed),
+            Err(first) if config.trim() == "null" => {
+                serde_json::from_str::<C>("{}").map_err(|_| describe(&first))
+            }
+            Err(err) => Err(describe(&err)),
+        }
+    }
+
+    /// serde_json's message without its position, which points into JSON the gateway wrote and
+    /// would only confuse someone reading their YAML manifest.
+    fn describe(err: &serde_json::Error) -> String {
+        let text = err.to_string();
+        match text.rfind(" at line ") {
+            Some(cut) if err.line() > 0 => text[..cut].to_string(),
+            _ => text,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glue::parse_config;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        #[serde(default)]
+        name: String,
+    }
+
+    #[test]
+    fn missing_config_becomes_unit_or_empty_map() {
+        assert_eq!(parse_config::<()>("null"), Ok(()));
+        assert_eq!(
+            parse_config::<Sample>("null"),
+            Ok(Sample {
+                name: String::new()
+            })
+        );
+    }
+
+    #[test]
+    fn config_errors_do_not_point_into_generated_json() {
+        let err = parse_config::<Sample>(r#"{"nam": "x"}"#).unwrap_err();
+        assert!(err.starts_with("unknown field `nam`"), "{err}");
+        assert!(!err.contains("line"), "{err}");
+    }
+}

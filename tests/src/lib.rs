@@ -1,0 +1,324 @@
+//! The end-to-end test harness: plugins built for wasm32-wasip2, a recording upstream, a gateway
+//! started in-process on `127.0.0.1:0`, and a small HTTP client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The guest crates the tests use, built together once per test process.
+pub const GUESTS: &[&str] = &["header-rewrite", "probe-plugin"];
+
+/// The workspace's root folder.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace root")
+}
+
+/// Builds every guest crate for wasm32-wasip2 (once per process; cargo makes later builds no-ops)
+/// and returns the folder that holds the `.wasm` files.
+pub fn plugin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        // A target folder of its own: the outer `cargo test` may still hold the main one, and
+        // host and guest artifacts never mix.
+        let target_dir = root.join("target").join("wasm");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
+            .arg(&target_dir);
+        for guest in GUESTS {
+            command.args(["-p", guest]);
+        }
+        let status = command
+            .status()
+            .expect("running cargo to build the plugins");
+        assert!(
+            status.success(),
+            "building the plugins for wasm32-wasip2 failed"
+        );
+        target_dir.join("wasm32-wasip2").join("release")
+    })
+}
+
+/// The path of a built plugin, by its file stem (`header_rewrite`).
+pub fn plugin(stem: &str) -> PathBuf {
+    let path = plugin_dir().join(format!("{stem}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body length.
+    pub body_len: usize,
+}
+
+/// A real HTTP/1.1 upstream on `127.0.0.1:0` that records every request.
+///
+/// - `/slow…` answers after 10 s (for timeouts);
+/// - `/bytes/N` answers with N bytes of a known pattern (see [`pattern`]);
+/// - anything else answers 200 with header `x-upstream: <name>` and echoes the request body.
+pub struct TestUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl TestUpstream {
+    /// Starts an upstream that names itself `name` in its responses.
+    pub async fn start(name: &'static str) -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let record = record.clone();
+                        async move { Ok::<_, Infallible>(upstream_answer(name, request, &record).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestUpstream { addr, seen, task }
+    }
+
+    /// The base URL, for a manifest.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The last request seen.
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the upstream saw a request")
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream_answer(
+    name: &str,
+    request: Request<Incoming>,
+    record: &Mutex<Vec<Seen>>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    record.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len: body.len(),
+    });
+    let path = parts.uri.path();
+    if path.starts_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let body = match path.strip_prefix("/bytes/") {
+        Some(n) => Bytes::from(pattern(n.parse().unwrap_or(0))),
+        None => body,
+    };
+    Response::builder()
+        .header("x-upstream", name)
+        .body(Full::new(body))
+        .expect("a valid response")
+}
+
+/// `len` bytes of a pattern that shows any reordering, loss or duplication.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 251) as u8 ^ (i / 251 % 256) as u8)
+        .collect()
+}
+
+/// A gateway started in-process from a manifest written to a temporary folder.
+pub struct TestGateway {
+    gateway: Option<wasmgate::Gateway>,
+    /// The first listener's address.
+    pub addr: SocketAddr,
+    /// The folder holding the manifest.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Writes the manifest (with `{plugins}` replaced by the plugin folder) and starts a gateway.
+    pub async fn start(manifest: &str) -> TestGateway {
+        match TestGateway::try_start(manifest).await {
+            Ok(gateway) => gateway,
+            Err(err) => panic!("the gateway did not start:\n{err}"),
+        }
+    }
+
+    /// Like [`TestGateway::start`], but returns the start-up error.
+    pub async fn try_start(manifest: &str) -> Result<TestGateway, wasmgate::StartError> {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = write_manifest(dir.path(), manifest);
+        let gateway = wasmgate::Gateway::start(&path).await?;
+        let addr = gateway.listeners()[0].1;
+        Ok(TestGateway {
+            gateway: Some(gateway),
+            addr,
+            dir,
+        })
+    }
+
+    /// Sends a request to the gateway.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> TestResponse {
+        send(self.addr, request).await
+    }
+
+    /// Sends a GET with a Host header.
+    pub async fn get(&self, host: &str, path: &str) -> TestResponse {
+        self.send(
+            Request::get(path)
+                .header("host", host)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            // Stop accepting; open connections end with the test's runtime.
+            drop(tokio::spawn(gateway.shutdown()));
+        }
+    }
+}
+
+/// Writes `manifest.yaml` into `dir`, with `{plugins}` replaced by the plugin folder.
+pub fn write_manifest(dir: &Path, manifest: &str) -> PathBuf {
+    let text = manifest.replace("{plugins}", &plugin_dir().display().to_string());
+    let path = dir.join("manifest.yaml");
+    std::fs::write(&path, text).expect("writing the manifest");
+    path
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct TestResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    /// A header's value as text, or "" when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header"))
+            .unwrap_or("")
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request over HTTP/1.1 to `addr` (the request's URI holds only the path).
+pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> TestResponse {
+    send_with(
+        Client::builder(TokioExecutor::new()).build_http(),
+        addr,
+        request,
+    )
+    .await
+}
+
+/// Sends one request over HTTP/2 without TLS (prior knowledge) to `addr`.
+pub async fn send_h2(addr: SocketAddr, request: Request<Full<Bytes>>) -> TestResponse {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    send_with(client, addr, request).await
+}
+
+async fn send_with(
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> TestResponse {
+    let (mut parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    parts.uri = format!("http://{addr}{path}").parse().expect("a valid URI");
+    let response = client
+        .request(Request::from_parts(parts, body))
+        .await
+        .expect("the gateway answered");
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .expect("reading the response body")
+        .to_bytes();
+    TestResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}

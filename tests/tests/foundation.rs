@@ -1,0 +1,419 @@
+//! The foundation, end to end: routing, per-route chains of real Wasm plugins, the upstream
+//! call and the gateway's own errors, over real sockets.
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use wasmgate_tests::{TestGateway, TestUpstream, pattern, send_h2};
+
+const HEAD: &str = r#"
+version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  header-rewrite: { source: "{plugins}/header_rewrite.wasm" }
+  probe: { source: "{plugins}/probe_plugin.wasm" }
+  body-probe: { source: "{plugins}/probe_plugin.wasm", body: true }
+"#;
+
+fn manifest(upstream: &TestUpstream, routes: &str) -> String {
+    format!(
+        "{HEAD}upstreams:\n  main: {{ targets: [{{ url: \"{}\" }}], timeout: 300ms }}\nroutes:\n{routes}",
+        upstream.url()
+    )
+}
+
+/// A route whose request phase tags the request with the route's name.
+fn tagged_route(name: &str, matcher: &str) -> String {
+    format!(
+        "  - name: {name}\n    match: {matcher}\n    upstream: main\n    plugins:\n      - name: header-rewrite\n        config: {{ request: {{ set: {{ x-route: {name} }} }} }}\n"
+    )
+}
+
+#[tokio::test]
+async fn routes_by_host_path_parameters_and_method_with_documented_precedence() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = [
+        tagged_route("any-host", "{ prefix: / }"),
+        tagged_route("wildcard-host", "{ host: \"*.example.com\", prefix: / }"),
+        tagged_route("exact-host", "{ host: api.example.com, prefix: /v1 }"),
+        tagged_route("user-by-id", "{ path: \"/users/{id}\" }"),
+        tagged_route("user-me", "{ path: /users/me }"),
+        tagged_route("user-files", "{ path: \"/users/{id}/{*rest}\" }"),
+        tagged_route("items-any", "{ path: /items }"),
+        tagged_route("items-post", "{ path: /items, methods: [POST] }"),
+        tagged_route("delete-only", "{ path: /gone, methods: [DELETE] }"),
+    ]
+    .concat();
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+
+    let cases = [
+        ("GET", "api.example.com", "/v1/orders", "exact-host"),
+        ("GET", "API.example.com:8443", "/v1", "exact-host"),
+        // The exact host has no route for /v2: the wildcard group answers.
+        ("GET", "api.example.com", "/v2", "wildcard-host"),
+        ("GET", "www.example.com", "/v1/orders", "wildcard-host"),
+        ("GET", "other.test", "/v1/orders", "any-host"),
+        // Literal over parameter over catch-all.
+        ("GET", "other.test", "/users/me", "user-me"),
+        ("GET", "other.test", "/users/42", "user-by-id"),
+        (
+            "GET",
+            "other.test",
+            "/users/42/avatars/big.png",
+            "user-files",
+        ),
+        // A route listing the method comes before one taking any method.
+        ("POST", "other.test", "/items", "items-post"),
+        ("GET", "other.test", "/items", "items-any"),
+        // The most specific route does not take GET: a less specific one does.
+        ("GET", "other.test", "/gone", "any-host"),
+        ("DELETE", "other.test", "/gone", "delete-only"),
+    ];
+    for (method, host, path, expected) in cases {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host)
+            .body(Full::default())
+            .unwrap();
+        let response = gateway.send(request).await;
+        assert_eq!(response.status, StatusCode::OK, "{method} {host}{path}");
+        let seen = upstream.last();
+        assert_eq!(seen.headers["x-route"], expected, "{method} {host}{path}");
+        assert_eq!(seen.uri, path, "the path is forwarded as routed");
+    }
+}
+
+#[tokio::test]
+async fn a_path_whose_routes_take_other_methods_is_405() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = tagged_route("delete-only", "{ path: /gone, methods: [DELETE] }");
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    let response = gateway.get("x.test", "/gone").await;
+    assert_eq!(response.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.text(), "method not allowed");
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn no_route_is_404() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = tagged_route("only", "{ host: api.example.com, path: /only }");
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    let response = gateway.get("api.example.com", "/elsewhere").await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    assert_eq!(response.text(), "no route");
+    let response = gateway.get("other.test", "/only").await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn plugins_edit_the_request_the_upstream_sees_and_the_response_the_client_sees() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: rewrite
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - name: header-rewrite
+        config:
+          request:
+            set: { x-gateway: wasmgate }
+            add: { x-added: one }
+            remove: [x-secret]
+          response:
+            set: { x-served-by: wasmgate }
+            remove: [x-upstream]
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let response = gateway
+        .send(
+            Request::get("/anything?x=1")
+                .header("x-secret", "hunter2")
+                .header("x-added", "zero")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("x-served-by"), "wasmgate");
+    assert_eq!(
+        response.header("x-upstream"),
+        "",
+        "removed in the response phase"
+    );
+
+    let seen = upstream.last();
+    assert_eq!(seen.uri, "/anything?x=1");
+    assert_eq!(seen.headers["x-gateway"], "wasmgate");
+    assert!(!seen.headers.contains_key("x-secret"));
+    let added: Vec<_> = seen.headers.get_all("x-added").iter().collect();
+    assert_eq!(added, ["zero", "one"]);
+}
+
+#[tokio::test]
+async fn chain_order_is_manifest_order_and_reversed_for_responses() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: chained
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: a } }
+      - { name: probe, config: { tag: b } }
+      - { name: probe, config: { tag: c } }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let response = gateway.get("x.test", "/").await;
+    assert_eq!(response.status, StatusCode::OK);
+    // Each use of the same plugin got its own config, and ran in order.
+    assert_eq!(upstream.last().headers["x-chain"], "a,b,c");
+    assert_eq!(response.header("x-chain"), "c,b,a");
+}
+
+#[tokio::test]
+async fn a_short_circuit_reaches_the_client_and_the_upstream_sees_nothing() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: guarded
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: logger } }
+      - { name: probe, config: { tag: guard, respond: { status: 401, body: "no entry" } } }
+      - { name: probe, config: { tag: never } }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let response = gateway.get("x.test", "/private").await;
+    assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(response.text(), "no entry");
+    assert_eq!(response.header("x-responder"), "guard");
+    // The plugin before the guard saw the 401 in its response phase; the guard itself and the
+    // plugin after it have none.
+    assert_eq!(response.header("x-seen-status-logger"), "401");
+    assert_eq!(response.header("x-chain"), "logger");
+    assert_eq!(response.header("x-seen-status-never"), "");
+    assert!(upstream.seen().is_empty(), "the upstream was never called");
+}
+
+#[tokio::test]
+async fn two_routes_with_different_chains_behave_differently() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: open
+    match: { prefix: /open }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: open-tag } }
+  - name: closed
+    match: { prefix: /closed }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: closed-tag, respond: { status: 403 } } }
+  - name: bare
+    match: { prefix: /bare }
+    upstream: main
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let open = gateway.get("x.test", "/open/x").await;
+    assert_eq!(open.status, StatusCode::OK);
+    assert_eq!(upstream.last().headers["x-chain"], "open-tag");
+    let closed = gateway.get("x.test", "/closed/x").await;
+    assert_eq!(closed.status, StatusCode::FORBIDDEN);
+    let bare = gateway.get("x.test", "/bare").await;
+    assert_eq!(bare.status, StatusCode::OK);
+    assert!(!upstream.last().headers.contains_key("x-chain"));
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn properties_are_shared_along_the_chain_and_not_across_requests() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: auth-then-log
+    match: { prefix: /with }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: auth, set_property: { subject: alice } } }
+      - { name: probe, config: { tag: log, property_to_header: { subject: x-subject } } }
+  - name: log-only
+    match: { prefix: /without }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: log, property_to_header: { subject: x-subject } } }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    gateway.get("x.test", "/with").await;
+    assert_eq!(upstream.last().headers["x-subject"], "alice");
+    gateway.get("x.test", "/without").await;
+    assert_eq!(upstream.last().headers["x-subject"], "<unset>");
+}
+
+#[tokio::test]
+async fn a_body_reading_plugin_can_replace_the_body() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: shout
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: body-probe, config: { tag: shout, uppercase_body: true } }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let response = gateway
+        .send(
+            Request::post("/echo")
+                .body(Full::new(Bytes::from_static(b"hello, body")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.text(), "HELLO, BODY");
+}
+
+#[tokio::test]
+async fn a_buffered_body_past_the_cap_is_413_before_the_upstream() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: shout
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: body-probe, config: { tag: shout, uppercase_body: true } }
+"#;
+    let text = manifest(&upstream, routes).replacen(
+        "plugins:\n",
+        "limits: { max_body: 1KiB }\nplugins:\n",
+        1,
+    );
+    let gateway = TestGateway::start(&text).await;
+    let response = gateway
+        .send(
+            Request::post("/echo")
+                .body(Full::new(Bytes::from(vec![b'a'; 4096])))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn several_mebibytes_stream_through_intact_both_ways() {
+    let upstream = TestUpstream::start("main").await;
+    // A plugin that does not read bodies: they must stream, and no size cap applies.
+    let routes = r#"
+  - name: big
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: p } }
+"#;
+    let text = manifest(&upstream, routes).replacen(
+        "plugins:\n",
+        "limits: { max_body: 1KiB }\nplugins:\n",
+        1,
+    );
+    let gateway = TestGateway::start(&text).await;
+
+    let upload = pattern(6 << 20);
+    let response = gateway
+        .send(
+            Request::post("/echo")
+                .body(Full::new(Bytes::from(upload.clone())))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(upstream.last().body_len, upload.len());
+    assert!(
+        response.body == upload,
+        "the echoed upload came back intact"
+    );
+
+    let download = gateway.get("x.test", &format!("/bytes/{}", 5 << 20)).await;
+    assert_eq!(download.status, StatusCode::OK);
+    assert!(
+        download.body == pattern(5 << 20),
+        "the download arrived intact"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_and_a_slow_one_504() {
+    let upstream = TestUpstream::start("main").await;
+    // Take a free port, then free it again: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let routes = format!(
+        r#"
+  - name: slow
+    match: {{ prefix: /slow }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: watcher }} }}
+  - name: dead
+    match: {{ prefix: /dead }}
+    upstream: dead
+    plugins:
+      - {{ name: probe, config: {{ tag: watcher }} }}
+"#
+    );
+    let text = manifest(&upstream, &routes).replace(
+        "routes:\n",
+        &format!("  dead: {{ targets: [{{ url: \"http://{closed}\" }}] }}\nroutes:\n"),
+    );
+    let gateway = TestGateway::start(&text).await;
+
+    let dead = gateway.get("x.test", "/dead").await;
+    assert_eq!(dead.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(dead.text(), "upstream unavailable");
+    // Gateway errors pass through the response phase of the chain.
+    assert_eq!(dead.header("x-seen-status-watcher"), "502");
+
+    let started = std::time::Instant::now();
+    let slow = gateway.get("x.test", "/slow").await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(slow.text(), "upstream timed out");
+    assert_eq!(slow.header("x-seen-status-watcher"), "504");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the 300ms timeout applied"
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = tagged_route("h2", "{ prefix: / }");
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    let response = send_h2(
+        gateway.addr,
+        Request::get("/over-h2").body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("x-upstream"), "main");
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-route"], "h2");
+    assert_eq!(seen.uri, "/over-h2");
+}
+
+#[tokio::test]
+async fn prefix_strip_changes_only_the_forwarded_path() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: api
+    match: { prefix: /api }
+    strip_prefix: /api
+    upstream: main
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    gateway.get("x.test", "/api/users/7?full=1").await;
+    assert_eq!(upstream.last().uri, "/users/7?full=1");
+    gateway.get("x.test", "/api").await;
+    assert_eq!(upstream.last().uri, "/");
+}

@@ -1,0 +1,213 @@
+//! Loading a manifest: `wasmgate check` and `wasmgate run` refuse bad input with the file, line,
+//! route and plugin named, and accept the bundled example.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use wasmgate_tests::{TestUpstream, plugin, workspace_root, write_manifest};
+
+fn cli(args: &[&str], manifest: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .args(args)
+        .arg("-c")
+        .arg(manifest)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running wasmgate")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+const BAD_CONFIG: &str = r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  probe: { source: "{plugins}/probe_plugin.wasm" }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - name: fine
+    match: { prefix: /fine }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: ok } }
+  - name: broken
+    match: { prefix: /broken }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: "" } }
+      - { name: probe, config: { tga: typo } }
+"#;
+
+#[test]
+fn a_bad_plugin_config_fails_check_and_run_naming_file_line_route_and_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), BAD_CONFIG);
+    let shown = manifest.display().to_string();
+    for command in ["check", "run"] {
+        let output = cli(&[command], &manifest);
+        assert_eq!(output.status.code(), Some(1), "{command} must fail");
+        let err = stderr(&output);
+        // Every error, each with its location.
+        assert!(
+            err.contains(&format!(
+                "{shown}:17: route `broken`: plugin `probe`: invalid config: `tag` must not be empty"
+            )),
+            "{command}: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "{shown}:18: route `broken`: plugin `probe`: invalid config: unknown field `tga`"
+            )),
+            "{command}: {err}"
+        );
+        assert!(!err.contains("route `fine`"), "{command}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_or_invalid_wasm_file_fails_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("garbage.wasm"), b"\0asm but not really").unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  missing: { source: nowhere/missing.wasm }
+  garbage: { source: garbage.wasm }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - name: r
+    match: { prefix: / }
+    upstream: main
+    plugins: [{ name: missing }, { name: garbage }]
+"#,
+    );
+    let output = cli(&["check"], &manifest);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    // Relative sources resolve against the manifest's folder, and the error names the result.
+    let missing = dir.path().join("nowhere/missing.wasm");
+    assert!(
+        err.contains(&format!(
+            "plugin `missing`: cannot read `{}`",
+            missing.display()
+        )),
+        "{err}"
+    );
+    let garbage = dir.path().join("garbage.wasm");
+    assert!(
+        err.contains(&format!(
+            "plugin `garbage`: `{}` is not a valid WebAssembly component",
+            garbage.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_relative_plugin_path_resolves_against_the_manifest_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("plugins")).unwrap();
+    std::fs::copy(plugin("header_rewrite"), dir.path().join("plugins/hr.wasm")).unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  hr: { source: plugins/hr.wasm }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - name: r
+    match: { prefix: / }
+    upstream: main
+    plugins: [{ name: hr, config: { request: { set: { x-a: b } } } }]
+"#,
+    );
+    // Run from elsewhere, so that only the manifest's folder can explain success.
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .current_dir(std::env::temp_dir())
+        .args(["check", "-c"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("OK"));
+}
+
+#[test]
+fn a_malformed_manifest_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\nroutes:\n  - name: r\n    upstreem: x\n",
+    );
+    let output = cli(&["check"], &manifest);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains(&manifest.display().to_string()), "{err}");
+    assert!(err.contains("upstreem"), "{err}");
+    assert!(err.contains("line 5"), "{err}");
+}
+
+#[test]
+fn check_accepts_the_bundled_example() {
+    // The example names the plugins where the build puts them.
+    wasmgate_tests::plugin_dir();
+    let example = workspace_root().join("examples/gateway.yaml");
+    let output = cli(&["check"], &example);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[tokio::test]
+async fn run_serves_and_logs_where_it_listens() {
+    let upstream = TestUpstream::start("main").await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main }}\n",
+            upstream.url()
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .args(["run", "-c"])
+        .arg(&manifest)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let addr = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the gateway logs its address in time")
+            .unwrap()
+            .expect("the gateway is still running");
+        if let Some(at) = line.find("addr=") {
+            break line[at + 5..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+    };
+    let response = wasmgate_tests::send(
+        addr,
+        http::Request::get("/hello")
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, http::StatusCode::OK);
+    assert_eq!(upstream.last().uri, "/hello");
+    child.kill().await.unwrap();
+}
