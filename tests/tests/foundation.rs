@@ -348,21 +348,19 @@ async fn an_unreachable_upstream_is_502_and_a_slow_one_504() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let routes = format!(
-        r#"
+    let routes = r#"
   - name: slow
-    match: {{ prefix: /slow }}
+    match: { prefix: /slow }
     upstream: main
     plugins:
-      - {{ name: probe, config: {{ tag: watcher }} }}
+      - { name: probe, config: { tag: watcher } }
   - name: dead
-    match: {{ prefix: /dead }}
+    match: { prefix: /dead }
     upstream: dead
     plugins:
-      - {{ name: probe, config: {{ tag: watcher }} }}
-"#
-    );
-    let text = manifest(&upstream, &routes).replace(
+      - { name: probe, config: { tag: watcher } }
+"#;
+    let text = manifest(&upstream, routes).replace(
         "routes:\n",
         &format!("  dead: {{ targets: [{{ url: \"http://{closed}\" }}] }}\nroutes:\n"),
     );
