@@ -41,10 +41,20 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     match cli.command {
-        Command::Check { config } => match crate::check(&config) {
-            Ok(()) => {
+        Command::Check { config } => match runtime.block_on(crate::check(&config)) {
+            Ok(warnings) => {
+                for warning in warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!("OK: {}", config.display());
                 ExitCode::SUCCESS
             }
@@ -53,26 +63,17 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
+        Command::Run { config } => runtime.block_on(async {
+            match crate::Gateway::start(&config).await {
+                Ok(gateway) => {
+                    gateway.run_until_signal().await;
+                    ExitCode::SUCCESS
+                }
                 Err(err) => {
-                    eprintln!("cannot start the async runtime: {err}");
-                    return ExitCode::FAILURE;
+                    eprintln!("{err}");
+                    ExitCode::FAILURE
                 }
-            };
-            runtime.block_on(async {
-                match crate::Gateway::start(&config).await {
-                    Ok(gateway) => {
-                        gateway.run_until_signal().await;
-                        ExitCode::SUCCESS
-                    }
-                    Err(err) => {
-                        eprintln!("{err}");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
-        }
+            }
+        }),
     }
 }

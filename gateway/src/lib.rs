@@ -17,6 +17,7 @@ pub mod body;
 pub mod cli;
 pub mod manifest;
 pub mod proxy;
+pub mod request_id;
 pub mod router;
 pub mod runtime;
 pub mod server;

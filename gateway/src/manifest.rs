@@ -61,12 +61,24 @@ pub struct ListenerSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSpec {
-    /// Longest time one plugin call (configure, request or response phase) may run.
+    /// Longest time one plugin call (configure, request or response phase) may run, time spent
+    /// in host calls included.
     #[serde(with = "humantime_serde")]
     pub plugin_deadline: Duration,
     /// Most linear memory one plugin instance may grow to, in bytes or with a unit (`16MiB`).
     pub plugin_memory: ByteSize,
-    /// Largest request body buffered for plugins that read bodies; a larger one gets 413.
+    /// Most instances of one plugin alive at once; past it, requests get a fast 503.
+    pub plugin_instances: u32,
+    /// Most host calls a plugin may make in one call.
+    pub plugin_host_calls: u32,
+    /// Most headers a request or response may have after a plugin's edits.
+    pub plugin_headers: u32,
+    /// Longest header value a plugin may write.
+    pub plugin_header_value: ByteSize,
+    /// Longest log line a plugin may write.
+    pub plugin_log_line: ByteSize,
+    /// Largest request body buffered for plugins that read bodies; a larger one gets 413. Also
+    /// the largest body a plugin may hand the gateway.
     pub max_body: ByteSize,
 }
 
@@ -75,6 +87,11 @@ impl Default for LimitsSpec {
         LimitsSpec {
             plugin_deadline: Duration::from_millis(50),
             plugin_memory: ByteSize(16 << 20),
+            plugin_instances: 512,
+            plugin_host_calls: 10_000,
+            plugin_headers: 100,
+            plugin_header_value: ByteSize(8 << 10),
+            plugin_log_line: ByteSize(8 << 10),
             max_body: ByteSize(1 << 20),
         }
     }
@@ -96,6 +113,12 @@ pub struct PluginSpec {
     /// Overrides `limits.plugin_memory` for this plugin.
     #[serde(default)]
     pub memory: Option<ByteSize>,
+    /// Overrides `limits.plugin_instances` for this plugin.
+    #[serde(default)]
+    pub instances: Option<u32>,
+    /// Overrides `limits.plugin_host_calls` for this plugin.
+    #[serde(default)]
+    pub host_calls: Option<u32>,
 }
 
 /// An upstream service.
@@ -181,6 +204,22 @@ pub struct PluginUseSpec {
     /// Configuration handed to the plugin, as JSON, when the manifest loads.
     #[serde(default)]
     pub config: Option<serde_json::Value>,
+    /// What happens to the request when the plugin fails (traps, runs out of time or memory,
+    /// breaches a cap).
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+}
+
+/// What a plugin failure does to the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// The request ends with a 5xx that carries the request id and nothing else.
+    #[default]
+    FailClosed,
+    /// The plugin is skipped for this request (its edits undone), and that is logged and
+    /// counted.
+    FailOpen,
 }
 
 /// A size in bytes, written as a number or with a unit: `512`, `64KiB`, `16MiB`, `1GiB`.

@@ -9,8 +9,10 @@
 //!
 //! A plugin that answers in its request phase ends it there: later plugins and the upstream are
 //! skipped, and the response phase runs for the plugins before it, which continued. A failing
-//! plugin is handled the same way with a 500 in place of its answer; gateway errors (502, 504)
-//! also pass through the response phase, so a logging plugin sees every outcome.
+//! plugin set to fail closed is handled the same way with a 500 in place of its answer (503 when
+//! its instance cap is reached); one set to fail open is skipped, its edits undone. Gateway
+//! errors (502, 504) also pass through the response phase, so a logging plugin sees every
+//! outcome.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,15 +24,31 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{ProxyBody, full, streamed};
+use crate::manifest::FailurePolicy;
+use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
-use crate::runtime::{Decision, Exchange, PluginInstance};
-use crate::snapshot::{Route, Snapshot};
+use crate::runtime::{Decision, Exchange, FailureKind, PluginError, PluginInstance};
+use crate::snapshot::{ChainLink, Route, Snapshot};
 
 /// Answers one client request with the given snapshot.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
     request: Request<Incoming>,
     client_addr: SocketAddr,
+) -> Response<ProxyBody> {
+    let request_id = request_id::for_request(request.headers());
+    let mut response = route_and_forward(&snapshot, request, client_addr, &request_id).await;
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+async fn route_and_forward(
+    snapshot: &Snapshot,
+    request: Request<Incoming>,
+    client_addr: SocketAddr,
+    request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
     let host = request_host(&request);
     let route = match snapshot.route(host, request.uri().path(), request.method()) {
@@ -45,31 +63,28 @@ pub async fn handle(
     // Done before any plugin runs, so that `Connection` can only ever name the client's own
     // hop-by-hop headers, never one a plugin or the gateway adds later.
     strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
 
     if route.chain.is_empty() {
         let upstream_request = upstream_request(route, &parts, streamed(body));
         return forward(route, upstream_request).await;
     }
-    run_chain(route, snapshot.max_body, parts, body, client_addr).await
+    let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
+    run_chain(route, snapshot.max_body, Box::new(exchange), body).await
 }
 
 async fn run_chain(
     route: &Route,
     max_body: u64,
-    parts: http::request::Parts,
+    mut exchange: Box<Exchange>,
     body: Incoming,
-    client_addr: SocketAddr,
 ) -> Response<ProxyBody> {
-    let mut exchange = Box::new(Exchange::new(parts, client_addr, route.name.clone()));
     let mut body = Some(body);
     if route.buffer_body {
-        match buffer_body(
-            &exchange.request.headers,
-            body.take().expect("body not taken yet"),
-            max_body,
-        )
-        .await
-        {
+        let incoming = body.take().expect("body not taken yet");
+        match buffer_body(&exchange.request.headers, incoming, max_body).await {
             Ok(bytes) => exchange.body = Some(bytes),
             Err(response) => return response,
         }
@@ -77,28 +92,40 @@ async fn run_chain(
 
     // Request phase. `ran` keeps the instances whose request phase continued: they, and only
     // they, get a response phase.
-    let mut ran: Vec<PluginInstance> = Vec::with_capacity(route.chain.len());
+    let mut ran: Vec<(&ChainLink, PluginInstance)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
-        let mut instance = match link.plugin.instantiate(&link.config) {
+        let mut instance = match link.plugin.instantiate(&link.config).await {
             Ok(instance) => instance,
-            Err(err) => {
-                answer = Some(plugin_failure(route, link.plugin.name(), &err));
-                break;
-            }
+            Err(err) => match on_failure(route, link, &exchange, &err) {
+                Some(response) => {
+                    answer = Some(response);
+                    break;
+                }
+                None => continue,
+            },
         };
-        let (returned, decision) = instance.on_request(exchange);
+        let saved =
+            (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
+        let (returned, decision) = instance.on_request(exchange).await;
         exchange = returned;
         match decision {
-            Ok(Decision::Continue) => ran.push(instance),
+            Ok(Decision::Continue) => ran.push((link, instance)),
             Ok(Decision::Respond(response)) => {
                 answer = Some(response.map(full));
                 break;
             }
-            Err(err) => {
-                answer = Some(plugin_failure(route, link.plugin.name(), &err));
-                break;
-            }
+            Err(err) => match on_failure(route, link, &exchange, &err) {
+                Some(response) => {
+                    answer = Some(response);
+                    break;
+                }
+                None => {
+                    if let Some(saved) = saved {
+                        saved.restore(&mut exchange);
+                    }
+                }
+            },
         }
     }
 
@@ -119,13 +146,28 @@ async fn run_chain(
     };
 
     // Response phase, in reverse chain order.
-    let (parts, response_body) = response.into_parts();
+    let (parts, mut response_body) = response.into_parts();
     exchange.response = Some(parts);
-    for instance in ran.iter_mut().rev() {
-        let (returned, outcome) = instance.on_response(exchange);
+    for (link, instance) in ran.iter_mut().rev() {
+        let saved =
+            (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
+        let (returned, outcome) = instance.on_response(exchange).await;
         exchange = returned;
         if let Err(err) = outcome {
-            return plugin_failure(route, instance.plugin_name(), &err);
+            match on_failure(route, link, &exchange, &err) {
+                Some(replacement) => {
+                    // The upstream's body is dropped with its response head.
+                    let (parts, body) = replacement.into_parts();
+                    exchange.response = Some(parts);
+                    response_body = body;
+                    break;
+                }
+                None => {
+                    if let Some(saved) = saved {
+                        saved.restore(&mut exchange);
+                    }
+                }
+            }
         }
     }
     let parts = exchange
@@ -133,6 +175,115 @@ async fn run_chain(
         .take()
         .expect("the response stays in the exchange");
     Response::from_parts(parts, response_body)
+}
+
+/// What a plugin's request phase may change, kept before a fail-open plugin runs so that a
+/// failure leaves no half-made edit behind.
+struct RequestEdits {
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    properties: std::collections::HashMap<String, String>,
+}
+
+impl RequestEdits {
+    fn save(exchange: &Exchange) -> Self {
+        RequestEdits {
+            headers: exchange.request.headers.clone(),
+            body: exchange.body.clone(),
+            properties: exchange.properties.clone(),
+        }
+    }
+
+    fn restore(self, exchange: &mut Exchange) {
+        exchange.request.headers = self.headers;
+        exchange.body = self.body;
+        exchange.properties = self.properties;
+    }
+}
+
+/// What a plugin's response phase may change, kept before a fail-open plugin runs.
+struct ResponseEdits {
+    status: StatusCode,
+    headers: HeaderMap,
+    properties: std::collections::HashMap<String, String>,
+}
+
+impl ResponseEdits {
+    fn save(exchange: &Exchange) -> Self {
+        let response = exchange
+            .response
+            .as_ref()
+            .expect("the response phase has a response");
+        ResponseEdits {
+            status: response.status,
+            headers: response.headers.clone(),
+            properties: exchange.properties.clone(),
+        }
+    }
+
+    fn restore(self, exchange: &mut Exchange) {
+        let response = exchange
+            .response
+            .as_mut()
+            .expect("the response phase has a response");
+        response.status = self.status;
+        response.headers = self.headers;
+        exchange.properties = self.properties;
+    }
+}
+
+/// Reports a plugin failure to the operator and counts it, then applies the plugin's policy:
+/// the response that ends the request (fail-closed, or an instance cap reached), or `None` to go
+/// on without the plugin (fail-open).
+fn on_failure(
+    route: &Route,
+    link: &ChainLink,
+    exchange: &Exchange,
+    err: &PluginError,
+) -> Option<Response<ProxyBody>> {
+    let plugin = link.plugin.name();
+    link.plugin.failures().record(err.kind);
+    let request_id = exchange.request_id();
+    let (phase, kind, detail) = (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
+    let status = match (err.kind, link.on_failure) {
+        // Shedding load is not the plugin failing: whatever its policy, it is not skipped.
+        (FailureKind::Overloaded, _) => StatusCode::SERVICE_UNAVAILABLE,
+        (_, FailurePolicy::FailClosed) => StatusCode::INTERNAL_SERVER_ERROR,
+        (_, FailurePolicy::FailOpen) => {
+            tracing::warn!(
+                route = &*route.name,
+                plugin,
+                phase,
+                kind,
+                request_id,
+                detail,
+                "plugin failed; skipped (fail-open)"
+            );
+            return None;
+        }
+    };
+    tracing::error!(
+        route = &*route.name,
+        plugin,
+        phase,
+        kind,
+        request_id,
+        detail,
+        "plugin failed; request refused"
+    );
+    let reason = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "overloaded"
+    } else {
+        "internal error"
+    };
+    let body = format!("{reason}; request id {request_id}\n");
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Some(response)
 }
 
 /// Reads a whole request body for the plugins that asked for it, up to `max` bytes.
@@ -266,16 +417,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Logs a plugin failure for the operator and gives the client a bare 500.
-fn plugin_failure(
-    route: &Route,
-    plugin: &str,
-    err: &crate::runtime::PluginError,
-) -> Response<ProxyBody> {
-    tracing::error!(route = &*route.name, plugin, error = %err, "plugin failed; request refused");
-    gateway_error(StatusCode::INTERNAL_SERVER_ERROR, "plugin failure")
 }
 
 /// A short plain-text response produced by the gateway itself.

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{Manifest, ManifestErrors};
+use crate::manifest::{Manifest, ManifestError, ManifestErrors};
 use crate::runtime::Runtime;
 use crate::snapshot::Snapshot;
 
@@ -41,16 +41,17 @@ pub enum StartError {
 }
 
 /// Loads a manifest and everything it names, as `wasmgate check` does: parses it, compiles
-/// every plugin and runs each plugin's validation of each configuration it is given.
-pub fn check(manifest_path: &Path) -> Result<(), StartError> {
+/// every plugin and runs each plugin's validation of each configuration it is given. Returns
+/// the warnings.
+pub async fn check(manifest_path: &Path) -> Result<Vec<ManifestError>, StartError> {
     let manifest = Manifest::load(manifest_path)?;
     let runtime = Runtime::new().map_err(StartError::Runtime)?;
-    Snapshot::build(&manifest, &runtime)?;
-    Ok(())
+    Ok(Snapshot::build(&manifest, &runtime).await?.warnings)
 }
 
 /// A running gateway.
 pub struct Gateway {
+    shared: Arc<Shared>,
     listeners: Vec<(String, SocketAddr)>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -67,17 +68,14 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Loads the manifest, compiles its plugins, binds its listeners and starts serving.
     pub async fn start(manifest_path: &Path) -> Result<Gateway, StartError> {
-        let path = manifest_path.to_path_buf();
-        // Compiling plugins is CPU-bound and can take a while: keep it off the async workers.
-        let (runtime, snapshot) = tokio::task::spawn_blocking(move || {
-            let manifest = Manifest::load(&path)?;
-            let runtime = Runtime::new().map_err(StartError::Runtime)?;
-            let snapshot = Snapshot::build(&manifest, &runtime)?;
-            Ok::<_, StartError>((runtime, snapshot))
-        })
-        .await
-        .expect("manifest loading does not panic")?;
+        // Nothing is served yet, so compiling plugins on this worker holds up no request.
+        let manifest = Manifest::load(manifest_path)?;
+        let runtime = Runtime::new().map_err(StartError::Runtime)?;
+        let snapshot = Snapshot::build(&manifest, &runtime).await?;
 
+        for warning in &snapshot.warnings {
+            tracing::warn!("{warning}");
+        }
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             _runtime: runtime,
@@ -108,6 +106,7 @@ impl Gateway {
             )));
         }
         Ok(Gateway {
+            shared,
             listeners,
             shutdown,
             tasks,
@@ -120,6 +119,11 @@ impl Gateway {
             .iter()
             .find(|(name, _)| name == listener)
             .map(|(_, addr)| *addr)
+    }
+
+    /// The snapshot being served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
     }
 
     /// Every listener's name and address.

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::manifest::{ListenerSpec, Manifest, ManifestError, ManifestErrors};
+use crate::manifest::{FailurePolicy, ListenerSpec, Manifest, ManifestError, ManifestErrors};
 use crate::router::{RouteMatch, Router, RouterBuilder};
-use crate::runtime::{LoadedPlugin, PluginBudget, Runtime};
+use crate::runtime::{CompiledComponents, LoadedPlugin, PluginBudget, Runtime};
 use crate::upstream::Upstream;
 
 /// A route ready to serve.
@@ -39,6 +39,8 @@ pub struct ChainLink {
     pub plugin: Arc<LoadedPlugin>,
     /// The configuration, as the JSON text handed to `configure`.
     pub config: String,
+    /// What a failure of this plugin does to the request.
+    pub on_failure: FailurePolicy,
 }
 
 /// The immutable result of loading a manifest.
@@ -48,6 +50,10 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerSpec>,
     /// Largest body buffered for plugins.
     pub max_body: u64,
+    /// Problems that do not stop the manifest from loading, such as an auth plugin set to fail
+    /// open.
+    pub warnings: Vec<ManifestError>,
+    plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     routes: Vec<Route>,
     router: Router,
 }
@@ -55,25 +61,34 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles every plugin, checks every plugin use's configuration and builds the routes.
     /// Returns every problem found, not just the first.
-    pub fn build(manifest: &Manifest, runtime: &Runtime) -> Result<Snapshot, ManifestErrors> {
+    pub async fn build(manifest: &Manifest, runtime: &Runtime) -> Result<Snapshot, ManifestErrors> {
         let file = manifest.path.as_path();
         let spec = &manifest.spec;
         let mut errors = Vec::new();
+        let mut warnings = Vec::new();
 
-        let mut plugins: BTreeMap<&str, Arc<LoadedPlugin>> = BTreeMap::new();
+        let mut plugins: BTreeMap<String, Arc<LoadedPlugin>> = BTreeMap::new();
+        let mut compiled = CompiledComponents::default();
         for (name, declared) in &spec.plugins {
+            let limits = &spec.limits;
             let budget = PluginBudget {
-                deadline: declared
+                deadline: declared.value.deadline.unwrap_or(limits.plugin_deadline),
+                memory: declared.value.memory.unwrap_or(limits.plugin_memory).0,
+                instances: declared.value.instances.unwrap_or(limits.plugin_instances),
+                host_calls: declared
                     .value
-                    .deadline
-                    .unwrap_or(spec.limits.plugin_deadline),
-                memory: declared.value.memory.unwrap_or(spec.limits.plugin_memory).0,
-                body: declared.value.body,
+                    .host_calls
+                    .unwrap_or(limits.plugin_host_calls),
+                headers: limits.plugin_headers,
+                header_value: clamp_u32(limits.plugin_header_value.0),
+                log_line: clamp_u32(limits.plugin_log_line.0),
+                body: limits.max_body.0,
+                body_access: declared.value.body,
             };
             let path = manifest.resolve(&declared.value.source);
-            match runtime.load(name, &path, budget) {
+            match runtime.load(name, &path, budget, &mut compiled) {
                 Ok(plugin) => {
-                    plugins.insert(name, Arc::new(plugin));
+                    plugins.insert(name.clone(), Arc::new(plugin));
                 }
                 Err(message) => errors.push(
                     ManifestError::new(file, message)
@@ -118,18 +133,33 @@ impl Snapshot {
                     .config
                     .as_ref()
                     .map_or_else(|| "null".to_string(), |c| c.to_string());
+                let here = || {
+                    ManifestError::new(file, "")
+                        .at_line(used.referenced.line())
+                        .in_route(&route.name)
+                        .for_plugin(&used.value.name)
+                };
                 // A throw-away instance runs the plugin's own validation of this config.
-                if let Err(err) = plugin.instantiate(&config) {
-                    errors.push(
-                        ManifestError::new(file, err.to_string())
-                            .at_line(used.referenced.line())
-                            .in_route(&route.name)
-                            .for_plugin(&used.value.name),
-                    );
+                match plugin.instantiate(&config).await {
+                    Ok(instance)
+                        if instance.is_auth()
+                            && used.value.on_failure == FailurePolicy::FailOpen =>
+                    {
+                        warnings.push(ManifestError {
+                            message: "an auth plugin is set to fail open: when it fails, requests pass unchecked".into(),
+                            ..here()
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(err) => errors.push(ManifestError {
+                        message: err.to_string(),
+                        ..here()
+                    }),
                 }
                 chain.push(ChainLink {
                     plugin: plugin.clone(),
                     config,
+                    on_failure: used.value.on_failure,
                 });
             }
             let Some(upstream) = upstreams.get(route.upstream.as_str()) else {
@@ -140,7 +170,7 @@ impl Snapshot {
                 upstream: upstream.clone(),
                 strip_prefix: route.strip_prefix.clone(),
                 timeout: route.timeout.unwrap_or(upstream.timeout),
-                buffer_body: chain.iter().any(|link| link.plugin.wants_body()),
+                buffer_body: chain.iter().any(|link| link.plugin.budget().body_access),
                 chain,
             });
         }
@@ -151,9 +181,16 @@ impl Snapshot {
         Ok(Snapshot {
             listeners: spec.listeners.iter().map(|l| l.value.clone()).collect(),
             max_body: spec.limits.max_body.0,
+            warnings,
+            plugins,
             routes,
             router: router.build(),
         })
+    }
+
+    /// A loaded plugin, by its name in the manifest.
+    pub fn plugin(&self, name: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.plugins.get(name)
     }
 
     /// Finds the route for a request.
@@ -168,4 +205,8 @@ impl Snapshot {
             other => Err(other),
         }
     }
+}
+
+fn clamp_u32(bytes: u64) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }

@@ -74,7 +74,7 @@ pub mod __private {
     });
 
     pub use self::exports::wasmgate::plugin::handler::Guest;
-    pub use self::wasmgate::plugin::types::Action as WitAction;
+    pub use self::wasmgate::plugin::types::{Action as WitAction, PluginInfo};
     pub use crate::glue::{configure, on_request, on_response};
 }
 
@@ -90,6 +90,10 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// When the manifest gives no `config`, it is deserialised from `null` and, failing that, from
     /// an empty map, so both `()` and a struct whose fields all have defaults work.
     type Config: DeserializeOwned;
+
+    /// Whether the plugin decides who may pass (authentication or authorisation). The gateway's
+    /// `check` warns when such a plugin is configured to fail open.
+    const AUTH: bool = false;
 
     /// Builds the plugin from its configuration.
     ///
@@ -396,7 +400,9 @@ macro_rules! export_plugin {
             static INSTANCE: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
 
             impl $crate::__private::Guest for WasmgateExport {
-                fn configure(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                fn configure(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<$crate::__private::PluginInfo, ::std::string::String> {
                     $crate::__private::configure::<$plugin>(&INSTANCE, &config)
                 }
 
@@ -425,13 +431,16 @@ mod glue {
     use super::*;
 
     /// `handler.configure`: parses the configuration and builds the plugin.
-    pub fn configure<P: Plugin>(slot: &OnceLock<P>, config: &str) -> Result<(), String> {
+    pub fn configure<P: Plugin>(
+        slot: &OnceLock<P>,
+        config: &str,
+    ) -> Result<__private::PluginInfo, String> {
         let parsed = parse_config::<P::Config>(config)?;
         let plugin = P::new(parsed)?;
         // A second `configure` on the same instance keeps the first plugin: the gateway never
         // does this, and replacing state under a running instance would be surprising.
         let _ = slot.set(plugin);
-        Ok(())
+        Ok(__private::PluginInfo { auth: P::AUTH })
     }
 
     /// `handler.on-request`: runs [`Plugin::on_request`].

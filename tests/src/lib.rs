@@ -5,11 +5,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -19,7 +21,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The guest crates the tests use, built together once per test process.
-pub const GUESTS: &[&str] = &["header-rewrite", "probe-plugin"];
+pub const GUESTS: &[&str] = &[
+    "header-rewrite",
+    "probe-plugin",
+    "misbehave-plugin",
+    "sockets-plugin",
+    "deny-plugin",
+];
 
 /// The workspace's root folder.
 pub fn workspace_root() -> &'static Path {
@@ -85,13 +93,15 @@ pub struct Seen {
 
 /// A real HTTP/1.1 upstream on `127.0.0.1:0` that records every request.
 ///
-/// - `/slow…` answers after 10 s (for timeouts);
+/// - a path with `/slow` in it answers after 10 s (for timeouts);
 /// - `/bytes/N` answers with N bytes of a known pattern (see [`pattern`]);
+/// - `/stream-echo` sends each chunk of the request body back as soon as it arrives;
 /// - anything else answers 200 with header `x-upstream: <name>` and echoes the request body.
 pub struct TestUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -103,12 +113,15 @@ impl TestUpstream {
             .expect("binding the upstream");
         let addr = listener.local_addr().expect("upstream address");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let connections: Arc<AtomicUsize> = Arc::default();
         let record = seen.clone();
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let record = record.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
@@ -121,7 +134,12 @@ impl TestUpstream {
                 });
             }
         });
-        TestUpstream { addr, seen, task }
+        TestUpstream {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 
     /// The base URL, for a manifest.
@@ -132,6 +150,11 @@ impl TestUpstream {
     /// Every request seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// The last request seen.
@@ -150,31 +173,51 @@ async fn upstream_answer(
     name: &str,
     request: Request<Incoming>,
     record: &Mutex<Vec<Seen>>,
-) -> Response<Full<Bytes>> {
+) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, body) = request.into_parts();
+    let response = Response::builder().header("x-upstream", name);
+    if parts.uri.path() == "/stream-echo" {
+        record.lock().unwrap().push(seen(&parts, 0));
+        let (mut sender, echoed) = http_body_util::channel::Channel::<Bytes>::new(1);
+        tokio::spawn(async move {
+            let mut body = body;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data()
+                    && sender.send_data(data).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        return response.body(echoed.boxed()).expect("a valid response");
+    }
+
     let body = body
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    record.lock().unwrap().push(Seen {
-        method: parts.method.to_string(),
-        uri: parts.uri.to_string(),
-        headers: parts.headers.clone(),
-        body_len: body.len(),
-    });
+    record.lock().unwrap().push(seen(&parts, body.len()));
     let path = parts.uri.path();
-    if path.starts_with("/slow") {
+    if path.contains("/slow") {
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
     let body = match path.strip_prefix("/bytes/") {
         Some(n) => Bytes::from(pattern(n.parse().unwrap_or(0))),
         None => body,
     };
-    Response::builder()
-        .header("x-upstream", name)
-        .body(Full::new(body))
+    response
+        .body(Full::new(body).boxed())
         .expect("a valid response")
+}
+
+fn seen(parts: &http::request::Parts, body_len: usize) -> Seen {
+    Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len,
+    }
 }
 
 /// `len` bytes of a pattern that shows any reordering, loss or duplication.
@@ -213,6 +256,17 @@ impl TestGateway {
             addr,
             dir,
         })
+    }
+
+    /// Failures of one kind counted for a plugin so far.
+    pub fn failures(&self, plugin: &str, kind: wasmgate::runtime::FailureKind) -> u64 {
+        let gateway = self.gateway.as_ref().expect("the gateway is running");
+        gateway
+            .snapshot()
+            .plugin(plugin)
+            .expect("the plugin is declared")
+            .failures()
+            .get(kind)
     }
 
     /// Sends a request to the gateway.

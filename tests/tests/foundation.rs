@@ -1,9 +1,12 @@
 //! The foundation, end to end: routing, per-route chains of real Wasm plugins, the upstream
 //! call and the gateway's own errors, over real sockets.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use wasmgate_tests::{TestGateway, TestUpstream, pattern, send_h2};
 
 const HEAD: &str = r#"
@@ -414,4 +417,67 @@ async fn prefix_strip_changes_only_the_forwarded_path() {
     assert_eq!(upstream.last().uri, "/users/7?full=1");
     gateway.get("x.test", "/api").await;
     assert_eq!(upstream.last().uri, "/");
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_without_being_buffered() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: stream
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: p } }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let (mut chunks, body) = http_body_util::channel::Channel::<Bytes>::new(1);
+    let request = Request::post("/stream-echo")
+        .header("host", "x.test")
+        .body(body)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("the response head arrives before the request body ends")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut echoed = response.into_body();
+    // Each chunk makes the whole round trip before the next one is sent: a gateway that
+    // buffered either body would never return the first.
+    for chunk in ["first chunk", "second chunk", "third chunk"] {
+        chunks.send_data(Bytes::from(chunk)).await.unwrap();
+        let mut received = Vec::new();
+        while received.len() < chunk.len() {
+            let frame = tokio::time::timeout(Duration::from_secs(5), echoed.frame())
+                .await
+                .expect("the chunk came back while the request was still open")
+                .expect("the response is still open")
+                .unwrap();
+            received.extend_from_slice(&frame.into_data().unwrap());
+        }
+        assert_eq!(received, chunk.as_bytes());
+    }
+    drop(chunks);
+    assert!(echoed.frame().await.is_none_or(|f| f.is_ok()));
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = tagged_route("pooled", "{ prefix: / }");
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    for i in 0..5 {
+        let response = gateway.get("x.test", &format!("/n/{i}")).await;
+        assert_eq!(response.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.seen().len(), 5);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "one pooled connection served every request"
+    );
 }

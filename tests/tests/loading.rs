@@ -170,7 +170,7 @@ async fn run_serves_and_logs_where_it_listens() {
     let manifest = write_manifest(
         dir.path(),
         &format!(
-            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main }}\n",
+            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: p }} }}] }}\n",
             upstream.url()
         ),
     );
@@ -210,4 +210,15 @@ async fn run_serves_and_logs_where_it_listens() {
     assert_eq!(response.status, http::StatusCode::OK);
     assert_eq!(upstream.last().uri, "/hello");
     child.kill().await.unwrap();
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.trim().ends_with(env!("CARGO_PKG_VERSION")), "{text}");
 }

@@ -8,8 +8,11 @@ mod generated {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "plugin",
-        // Every import may trap: the host refuses calls made outside their phase.
+        // Every import may trap: the host stops a plugin that breaches its budget or the
+        // contract. Imports are synchronous (they never wait on I/O); exports are async, so that
+        // a long-running call yields to other requests at every epoch tick.
         imports: { default: trappable },
+        exports: { default: async },
     });
 }
 

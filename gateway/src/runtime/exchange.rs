@@ -47,11 +47,18 @@ pub struct Exchange {
     pub client_addr: SocketAddr,
     /// The matched route's name.
     pub route: Arc<str>,
+    /// The request's id, as sent upstream and to the client.
+    pub request_id: http::HeaderValue,
 }
 
 impl Exchange {
     /// Starts an exchange for a request.
-    pub fn new(request: http::request::Parts, client_addr: SocketAddr, route: Arc<str>) -> Self {
+    pub fn new(
+        request: http::request::Parts,
+        client_addr: SocketAddr,
+        route: Arc<str>,
+        request_id: http::HeaderValue,
+    ) -> Self {
         Exchange {
             request,
             body: None,
@@ -59,7 +66,13 @@ impl Exchange {
             properties: HashMap::new(),
             client_addr,
             route,
+            request_id,
         }
+    }
+
+    /// The request id as text, for logs.
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
     }
 }
 
@@ -76,6 +89,7 @@ pub fn is_protected_header(name: &HeaderName, phase_is_request: bool) -> bool {
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
         || (phase_is_request && name == HOST)
+        || name == crate::request_id::X_REQUEST_ID
 }
 
 /// Checks a header a plugin wants to write.

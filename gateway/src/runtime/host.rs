@@ -1,8 +1,10 @@
 //! The gateway's side of the plugin imports: `request`, `response`, `properties` and `log`.
 //!
-//! Every function acts on the exchange lent to the current call. A call made where it makes no
-//! sense (the response before there is one) traps; a refused edit (a protected header, a line
-//! break in a value) returns an error the plugin can handle.
+//! Every function acts on the exchange lent to the current call, and counts against the call's
+//! host-call cap and deadline. A call made where it makes no sense (the response before there is
+//! one), a hostile edit (a protected header, a control character in a value) and a breached cap
+//! trap: the plugin stops and its failure policy applies. An edit made in the wrong phase, or a
+//! body access not granted, returns an error the plugin can handle.
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -10,6 +12,7 @@ use wasmtime::Result;
 
 use super::PluginState;
 use super::bindings::{LogLevel, log, properties, request, response, types};
+use super::budget::FailureKind;
 use super::exchange::{Exchange, Phase, checked_header, checked_name};
 
 /// Most properties one request may carry, and the longest key and value.
@@ -18,15 +21,49 @@ const MAX_PROPERTY_KEY: usize = 256;
 const MAX_PROPERTY_VALUE: usize = 16 << 10;
 
 impl PluginState {
-    fn exchange(&mut self) -> Result<&mut Exchange> {
-        self.exchange
-            .as_deref_mut()
-            .ok_or_else(|| wasmtime::format_err!("host call outside of a request"))
+    /// Records a breach and returns the error that makes the call trap.
+    fn fail(&mut self, kind: FailureKind, detail: String) -> wasmtime::Error {
+        let error = wasmtime::format_err!("{detail}");
+        self.failure = Some((kind, detail));
+        error
     }
 
-    /// The request's headers, for an edit: refused outside the request phase.
+    /// Counts a host call against the caps, and checks the deadline: epoch interruption only
+    /// stops wasm code, so a plugin spending its time in host calls is stopped here.
+    fn enter(&mut self) -> Result<()> {
+        self.calls += 1;
+        if self.calls > self.budget.host_calls {
+            let detail = format!(
+                "more than {} host calls in one call",
+                self.budget.host_calls
+            );
+            return Err(self.fail(FailureKind::Cap, detail));
+        }
+        if self.time_spent(std::time::Instant::now()) > self.budget.deadline {
+            let detail = format!(
+                "ran past its {:?} deadline in host calls",
+                self.budget.deadline
+            );
+            return Err(self.fail(FailureKind::Deadline, detail));
+        }
+        Ok(())
+    }
+
+    /// The exchange, for a read.
+    fn exchange(&mut self) -> Result<&mut Exchange> {
+        self.enter()?;
+        match self.exchange.as_deref_mut() {
+            Some(exchange) => Ok(exchange),
+            None => Err(wasmtime::format_err!(
+                "request data is not available during configure"
+            )),
+        }
+    }
+
+    /// The request, for an edit: `Ok(Err(..))` outside the request phase.
     fn request_for_edit(&mut self) -> Result<Result<&mut Exchange, String>> {
         if self.phase != Phase::Request {
+            self.enter()?;
             return Ok(Err(
                 "the request can only be changed in the request phase".into()
             ));
@@ -38,6 +75,58 @@ impl PluginState {
         self.exchange()?.response.as_mut().ok_or_else(|| {
             wasmtime::format_err!("the response is only available in the response phase")
         })
+    }
+
+    /// Applies a header edit, trapping on a hostile or oversized one.
+    fn edit_headers(
+        &mut self,
+        on_request: bool,
+        name: &str,
+        value: Option<(&str, Edit)>,
+    ) -> Result<()> {
+        let budget = self.budget;
+        let checked = match value {
+            Some((value, _)) if value.len() > budget.header_value as usize => Err((
+                FailureKind::Cap,
+                format!(
+                    "the value of `{}` is {} bytes, more than the {} allowed",
+                    name.escape_debug(),
+                    value.len(),
+                    budget.header_value
+                ),
+            )),
+            Some((value, how)) => checked_header(name, value, on_request)
+                .map(|(n, v)| (n, Some((v, how))))
+                .map_err(|m| (FailureKind::Contract, m)),
+            None => checked_name(name, on_request)
+                .map(|n| (n, None))
+                .map_err(|m| (FailureKind::Contract, m)),
+        };
+        let (name, value) = match checked {
+            Ok(checked) => checked,
+            Err((kind, detail)) => return Err(self.fail(kind, detail)),
+        };
+        let headers = if on_request {
+            &mut self.exchange()?.request.headers
+        } else {
+            &mut self.response_parts()?.headers
+        };
+        match value {
+            Some((value, Edit::Set)) => {
+                headers.insert(name, value);
+            }
+            Some((value, Edit::Add)) => {
+                headers.append(name, value);
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+        if headers.len() > budget.headers as usize {
+            let detail = format!("more than {} headers", budget.headers);
+            return Err(self.fail(FailureKind::Cap, detail));
+        }
+        Ok(())
     }
 }
 
@@ -73,31 +162,6 @@ enum Edit {
     Add,
 }
 
-fn edit(
-    headers: &mut HeaderMap,
-    name: &str,
-    value: &str,
-    how: Edit,
-    request: bool,
-) -> Result<(), String> {
-    let (name, value) = checked_header(name, value, request)?;
-    match how {
-        Edit::Set => {
-            headers.insert(name, value);
-        }
-        Edit::Add => {
-            headers.append(name, value);
-        }
-    }
-    Ok(())
-}
-
-fn remove(headers: &mut HeaderMap, name: &str, request: bool) -> Result<(), String> {
-    let name = checked_name(name, request)?;
-    headers.remove(name);
-    Ok(())
-}
-
 impl types::Host for PluginState {}
 
 impl request::Host for PluginState {
@@ -126,21 +190,26 @@ impl request::Host for PluginState {
     }
 
     fn set_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
-        Ok(self
-            .request_for_edit()?
-            .and_then(|ex| edit(&mut ex.request.headers, &name, &value, Edit::Set, true)))
+        if let Err(refused) = self.request_for_edit()? {
+            return Ok(Err(refused));
+        }
+        self.edit_headers(true, &name, Some((&value, Edit::Set)))
+            .map(Ok)
     }
 
     fn add_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
-        Ok(self
-            .request_for_edit()?
-            .and_then(|ex| edit(&mut ex.request.headers, &name, &value, Edit::Add, true)))
+        if let Err(refused) = self.request_for_edit()? {
+            return Ok(Err(refused));
+        }
+        self.edit_headers(true, &name, Some((&value, Edit::Add)))
+            .map(Ok)
     }
 
     fn remove_header(&mut self, name: String) -> Result<Result<(), String>> {
-        Ok(self
-            .request_for_edit()?
-            .and_then(|ex| remove(&mut ex.request.headers, &name, true)))
+        if let Err(refused) = self.request_for_edit()? {
+            return Ok(Err(refused));
+        }
+        self.edit_headers(true, &name, None).map(Ok)
     }
 
     fn client_addr(&mut self) -> Result<String> {
@@ -152,7 +221,8 @@ impl request::Host for PluginState {
     }
 
     fn body(&mut self) -> Result<Result<Vec<u8>, String>> {
-        if !self.body_access {
+        if !self.budget.body_access {
+            self.enter()?;
             return Ok(Err(NO_BODY_ACCESS.into()));
         }
         Ok(Ok(self
@@ -164,8 +234,17 @@ impl request::Host for PluginState {
     }
 
     fn set_body(&mut self, body: Vec<u8>) -> Result<Result<(), String>> {
-        if !self.body_access {
+        if !self.budget.body_access {
+            self.enter()?;
             return Ok(Err(NO_BODY_ACCESS.into()));
+        }
+        if body.len() as u64 > self.budget.body {
+            let detail = format!(
+                "a body of {} bytes, more than the {} allowed",
+                body.len(),
+                self.budget.body
+            );
+            return Err(self.fail(FailureKind::Cap, detail));
         }
         Ok(self.request_for_edit()?.map(|ex| {
             ex.body = Some(Bytes::from(body));
@@ -182,14 +261,14 @@ impl response::Host for PluginState {
     }
 
     fn set_status(&mut self, status: u16) -> Result<Result<(), String>> {
-        let parts = self.response_parts()?;
-        Ok(match StatusCode::from_u16(status) {
-            Ok(status) => {
-                parts.status = status;
-                Ok(())
-            }
-            Err(_) => Err(format!("{status} is not a valid status code")),
-        })
+        let Ok(status) = StatusCode::from_u16(status) else {
+            return Err(self.fail(
+                FailureKind::Contract,
+                format!("{status} is not a valid status code"),
+            ));
+        };
+        self.response_parts()?.status = status;
+        Ok(Ok(()))
     }
 
     fn header(&mut self, name: String) -> Result<Option<String>> {
@@ -205,18 +284,17 @@ impl response::Host for PluginState {
     }
 
     fn set_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
-        let parts = self.response_parts()?;
-        Ok(edit(&mut parts.headers, &name, &value, Edit::Set, false))
+        self.edit_headers(false, &name, Some((&value, Edit::Set)))
+            .map(Ok)
     }
 
     fn add_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
-        let parts = self.response_parts()?;
-        Ok(edit(&mut parts.headers, &name, &value, Edit::Add, false))
+        self.edit_headers(false, &name, Some((&value, Edit::Add)))
+            .map(Ok)
     }
 
     fn remove_header(&mut self, name: String) -> Result<Result<(), String>> {
-        let parts = self.response_parts()?;
-        Ok(remove(&mut parts.headers, &name, false))
+        self.edit_headers(false, &name, None).map(Ok)
     }
 }
 
@@ -244,15 +322,27 @@ impl properties::Host for PluginState {
 
 impl log::Host for PluginState {
     fn log(&mut self, level: LogLevel, message: String) -> Result<()> {
+        self.enter()?;
+        if message.len() > self.budget.log_line as usize {
+            let detail = format!(
+                "a log line of {} bytes, more than the {} allowed",
+                message.len(),
+                self.budget.log_line
+            );
+            return Err(self.fail(FailureKind::Cap, detail));
+        }
         let plugin = &*self.plugin;
-        let route = self.exchange.as_deref().map(|ex| &*ex.route).unwrap_or("");
+        let (route, request_id) = match self.exchange.as_deref() {
+            Some(exchange) => (&*exchange.route, exchange.request_id()),
+            None => ("", ""),
+        };
         // `{:?}` escapes control characters, so a plugin cannot forge log lines.
         match level {
-            LogLevel::Trace => tracing::trace!(plugin, route, "{message:?}"),
-            LogLevel::Debug => tracing::debug!(plugin, route, "{message:?}"),
-            LogLevel::Info => tracing::info!(plugin, route, "{message:?}"),
-            LogLevel::Warn => tracing::warn!(plugin, route, "{message:?}"),
-            LogLevel::Error => tracing::error!(plugin, route, "{message:?}"),
+            LogLevel::Trace => tracing::trace!(plugin, route, request_id, "{message:?}"),
+            LogLevel::Debug => tracing::debug!(plugin, route, request_id, "{message:?}"),
+            LogLevel::Info => tracing::info!(plugin, route, request_id, "{message:?}"),
+            LogLevel::Warn => tracing::warn!(plugin, route, request_id, "{message:?}"),
+            LogLevel::Error => tracing::error!(plugin, route, request_id, "{message:?}"),
         }
         Ok(())
     }

@@ -4,35 +4,41 @@
 //! Three lifecycle stages:
 //! - **start-up** ([`Runtime::new`]): the engine with its pooling allocator, the linker with the
 //!   gateway's imports, and the epoch ticker that enforces call deadlines;
-//! - **manifest load** ([`Runtime::load`]): each plugin compiled and pre-instantiated
-//!   ([`LoadedPlugin`]), then each use's config checked by a throw-away instance;
+//! - **manifest load** ([`Runtime::load`]): each plugin compiled, its imports checked against
+//!   what plugins are granted, and pre-instantiated ([`LoadedPlugin`]); then each use's config
+//!   checked by a throw-away instance;
 //! - **per request** ([`LoadedPlugin::instantiate`]): a store with the plugin's memory cap and a
 //!   deadline per call, an instance from the pre-instantiated component, dropped with the
 //!   request. No request ever sees another's instance, so nothing a plugin keeps in its globals
 //!   outlives the request, and a trap can only ever poison the instance that trapped.
 
 mod bindings;
+pub mod budget;
 pub mod exchange;
 mod host;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, Trap,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut,
+    Trap, UpdateDeadline,
 };
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::bindings::{Action, ImmediateResponse, PluginWorld, PluginWorldPre};
+use self::budget::Limiter;
+pub use self::budget::{FailureCounters, FailureKind, PluginBudget, PluginError};
 pub use self::exchange::{Exchange, Phase};
 
-/// How often the epoch advances: the granularity of plugin deadlines.
+/// How often the epoch advances: the granularity of plugin deadlines, and how long a plugin call
+/// runs before it yields to other requests.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The largest memory cap a plugin may be given; the pooling allocator reserves slots this big.
@@ -40,6 +46,42 @@ pub const MAX_PLUGIN_MEMORY: u64 = 256 << 20;
 
 /// Most plugin instances alive at once, across all plugins and requests.
 pub const MAX_INSTANCES: u32 = 2000;
+
+/// How much of a plugin's stderr (where a Rust panic message goes) is kept for the failure report.
+const STDERR_CAPTURE: usize = 4 << 10;
+
+/// The WASI interfaces every plugin may import. Rust's standard library imports all of these
+/// whether a plugin uses them or not; each store's WASI context makes them harmless: no
+/// preopened directory, an empty environment, stdin empty, stdout discarded, stderr captured for
+/// failure reports. Everything else outside `wasmgate:plugin` (sockets, HTTP, ...) is refused.
+const GRANTED_WASI: [&str; 20] = [
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+];
+
+/// Whether a plugin may import the interface `name` (`ns:pkg/iface@version`).
+fn is_granted(name: &str) -> bool {
+    let unversioned = name.split('@').next().unwrap_or(name);
+    unversioned.starts_with("wasmgate:plugin/") || GRANTED_WASI.contains(&unversioned)
+}
 
 /// The process-wide Wasm engine and linker.
 pub struct Runtime {
@@ -63,6 +105,7 @@ impl Runtime {
             .total_core_instances(MAX_INSTANCES * 8)
             .total_memories(MAX_INSTANCES * 2)
             .total_tables(MAX_INSTANCES * 4)
+            .total_stacks(MAX_INSTANCES)
             .max_memory_size(MAX_PLUGIN_MEMORY as usize);
 
         let mut config = Config::new();
@@ -73,9 +116,9 @@ impl Runtime {
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
-        // WASI is linked because Rust's standard library imports it, but each store's WASI
-        // context grants nothing: no files, no sockets, no environment, stdio discarded.
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // The async flavour: the sync one drives its streams with a nested Tokio runtime, which
+        // panics when called from a Tokio worker.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         PluginWorld::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
 
         let ticker = EpochTicker::start(engine.clone());
@@ -86,80 +129,86 @@ impl Runtime {
         })
     }
 
-    /// Compiles and pre-instantiates a plugin component.
+    /// Compiles a plugin, checks what it imports, and pre-instantiates it. `compiled` holds the
+    /// components already compiled for this load, so that a file declared several times (with
+    /// different budgets, say) is compiled once.
     pub fn load(
         &self,
         name: &str,
         path: &Path,
         budget: PluginBudget,
+        compiled: &mut CompiledComponents,
     ) -> Result<LoadedPlugin, String> {
-        let bytes = std::fs::read(path)
-            .map_err(|err| format!("cannot read `{}`: {err}", path.display()))?;
-        let component = Component::new(&self.engine, &bytes).map_err(|err| {
-            format!(
-                "`{}` is not a valid WebAssembly component: {err:#}",
-                path.display()
-            )
-        })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|err| format!("`{}` cannot be linked: {err:#}", path.display()))?;
-        let pre = PluginWorldPre::new(pre).map_err(|err| {
-            format!(
-                "`{}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.1.0): {err:#}",
-                path.display()
-            )
-        })?;
+        let shown = path.display();
         if budget.memory > MAX_PLUGIN_MEMORY {
             return Err(format!(
                 "memory cap {} exceeds the gateway's maximum of {MAX_PLUGIN_MEMORY} bytes",
                 budget.memory
             ));
         }
+        let bytes = std::fs::read(path).map_err(|err| format!("cannot read `{shown}`: {err}"))?;
+        let component = match compiled.0.get(&bytes) {
+            Some(component) => component.clone(),
+            None => {
+                let component = Component::new(&self.engine, &bytes).map_err(|err| {
+                    format!("`{shown}` is not a valid WebAssembly component: {err:#}")
+                })?;
+                compiled.0.insert(bytes, component.clone());
+                component
+            }
+        };
+        let refused: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .filter(|(import, _)| !is_granted(import))
+            .map(|(import, _)| format!("`{import}`"))
+            .collect();
+        if !refused.is_empty() {
+            return Err(format!(
+                "`{shown}` imports {}, which plugins are not granted",
+                refused.join(", ")
+            ));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|err| format!("`{shown}` cannot be linked: {err:#}"))?;
+        let pre = PluginWorldPre::new(pre).map_err(|err| {
+            format!(
+                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.1.0): {err:#}"
+            )
+        })?;
         Ok(LoadedPlugin {
             name: Arc::from(name),
             engine: self.engine.clone(),
             pre,
-            deadline_ticks: ticks(budget.deadline),
-            memory: budget.memory as usize,
-            body: budget.body,
+            budget,
+            live: Arc::new(AtomicU32::new(0)),
+            failures: FailureCounters::default(),
         })
     }
 }
 
-fn ticks(deadline: Duration) -> u64 {
-    (deadline.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
-}
-
-/// What a plugin may use.
-#[derive(Debug, Clone, Copy)]
-pub struct PluginBudget {
-    /// Longest time one call may run.
-    pub deadline: Duration,
-    /// Most linear memory an instance may have, in bytes.
-    pub memory: u64,
-    /// Whether it may read and replace request bodies.
-    pub body: bool,
-}
+/// Components compiled during one manifest load, by their bytes.
+#[derive(Default)]
+pub struct CompiledComponents(std::collections::HashMap<Vec<u8>, Component>);
 
 /// A compiled, pre-instantiated plugin, shared by every route that uses it.
 pub struct LoadedPlugin {
     name: Arc<str>,
     engine: Engine,
     pre: PluginWorldPre<PluginState>,
-    deadline_ticks: u64,
-    memory: usize,
-    body: bool,
+    budget: PluginBudget,
+    /// Instances alive now, against `budget.instances`.
+    live: Arc<AtomicU32>,
+    failures: FailureCounters,
 }
 
 impl fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadedPlugin")
             .field("name", &self.name)
-            .field("deadline_ticks", &self.deadline_ticks)
-            .field("memory", &self.memory)
-            .field("body", &self.body)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }
@@ -170,46 +219,132 @@ impl LoadedPlugin {
         &self.name
     }
 
-    /// Whether the plugin reads request bodies.
-    pub fn wants_body(&self) -> bool {
-        self.body
+    /// The plugin's budget.
+    pub fn budget(&self) -> &PluginBudget {
+        &self.budget
     }
 
-    /// Starts an instance and configures it for one route.
-    pub fn instantiate(&self, config: &str) -> Result<PluginInstance, PluginError> {
+    /// Failures so far, by kind.
+    pub fn failures(&self) -> &FailureCounters {
+        &self.failures
+    }
+
+    /// Starts an instance and configures it for one route. Fails fast with
+    /// [`FailureKind::Overloaded`] when the plugin's instance cap is reached.
+    pub async fn instantiate(&self, config: &str) -> Result<PluginInstance, PluginError> {
+        let slot =
+            InstanceSlot::take(&self.live, self.budget.instances).ok_or_else(|| PluginError {
+                kind: FailureKind::Overloaded,
+                phase: Phase::Configure,
+                detail: format!("{} instances already running", self.budget.instances),
+            })?;
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let state = PluginState {
             exchange: None,
             phase: Phase::Configure,
             plugin: self.name.clone(),
-            body_access: self.body,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.memory)
-                .trap_on_grow_failure(true)
-                .instances(64)
-                .build(),
-            wasi: WasiCtx::builder().build(),
+            budget: self.budget,
+            calls: 0,
+            ran: Duration::ZERO,
+            running_since: Instant::now(),
+            resumed_at: None,
+            failure: None,
+            limiter: Limiter {
+                memory: self.budget.memory as usize,
+                breached: false,
+            },
+            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
             table: ResourceTable::new(),
+            stderr,
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(self.deadline_ticks);
-        let world = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|err| PluginError::from_wasmtime(Phase::Configure, err))?;
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(on_epoch_tick);
+        store.set_epoch_deadline(1);
+        let world = match self.pre.instantiate_async(&mut store).await {
+            Ok(world) => world,
+            Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
+        };
         let mut instance = PluginInstance {
             store,
             world,
-            deadline_ticks: self.deadline_ticks,
+            poisoned: false,
+            auth: false,
+            _slot: slot,
         };
-        instance.store.set_epoch_deadline(self.deadline_ticks);
-        let configured = instance
+        instance.begin(Phase::Configure)?;
+        let outcome = instance
             .world
             .wasmgate_plugin_handler()
             .call_configure(&mut instance.store, config)
-            .map_err(|err| PluginError::from_wasmtime(Phase::Configure, err))?;
-        configured.map_err(PluginError::Config)?;
-        Ok(instance)
+            .await;
+        match instance.finish(Phase::Configure, outcome)? {
+            Ok(info) => {
+                instance.auth = info.auth;
+                Ok(instance)
+            }
+            Err(message) => Err(PluginError {
+                kind: FailureKind::Config,
+                phase: Phase::Configure,
+                detail: message,
+            }),
+        }
+    }
+}
+
+/// Runs at every epoch tick while a plugin's wasm code runs. Past the call's deadline the call
+/// traps; before it, the call yields, so that a slow or looping plugin never holds a worker
+/// thread for more than a tick at a time. The deadline counts the time the call actually ran,
+/// not the time it spent waiting to be resumed, so a busy gateway does not fail innocent
+/// plugins.
+fn on_epoch_tick(mut store: StoreContextMut<'_, PluginState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = store.data_mut();
+    let now = Instant::now();
+    let ran = state.time_spent(now);
+    if ran >= state.budget.deadline {
+        let detail = format!("ran past its {:?} deadline", state.budget.deadline);
+        state.failure = Some((FailureKind::Deadline, detail));
+        return Err(Trap::Interrupt.into());
+    }
+    state.ran = ran;
+    state.running_since = now;
+    let mark = state
+        .resumed_at
+        .get_or_insert_with(Default::default)
+        .clone();
+    Ok(UpdateDeadline::YieldCustom(
+        1,
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            mark.store(since_base(Instant::now()), Ordering::Release);
+        }),
+    ))
+}
+
+/// A fixed instant that resume times are stored relative to, so that they fit an atomic.
+static TIME_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn since_base(instant: Instant) -> u64 {
+    // Never 0, which means "not resumed".
+    (instant.saturating_duration_since(*TIME_BASE).as_nanos() as u64).max(1)
+}
+
+/// A claim on one of a plugin's instance slots, given back on drop.
+struct InstanceSlot(Arc<AtomicU32>);
+
+impl InstanceSlot {
+    fn take(live: &Arc<AtomicU32>, cap: u32) -> Option<InstanceSlot> {
+        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| InstanceSlot(live.clone()))
+    }
+}
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -217,7 +352,10 @@ impl LoadedPlugin {
 pub struct PluginInstance {
     store: Store<PluginState>,
     world: PluginWorld,
-    deadline_ticks: u64,
+    /// Set by a failed call: the instance is never entered again.
+    poisoned: bool,
+    auth: bool,
+    _slot: InstanceSlot,
 }
 
 /// What a plugin's request phase decided.
@@ -235,141 +373,213 @@ impl PluginInstance {
         &self.store.data().plugin
     }
 
+    /// Whether the plugin said, when configured, that it decides who may pass.
+    pub fn is_auth(&self) -> bool {
+        self.auth
+    }
+
     /// Runs the request phase. The exchange comes back whatever happened.
-    pub fn on_request(
+    pub async fn on_request(
         &mut self,
         exchange: Box<Exchange>,
     ) -> (Box<Exchange>, Result<Decision, PluginError>) {
-        let outcome = self.call(exchange, Phase::Request, |world, store| {
-            world.wasmgate_plugin_handler().call_on_request(store)
-        });
-        match outcome {
-            (exchange, Ok(Action::Continue)) => (exchange, Ok(Decision::Continue)),
-            (exchange, Ok(Action::Respond(response))) => (exchange, immediate_response(response)),
-            (exchange, Err(err)) => (exchange, Err(err)),
-        }
+        self.store.data_mut().exchange = Some(exchange);
+        let decision = match self.begin(Phase::Request) {
+            Ok(()) => {
+                let outcome = self
+                    .world
+                    .wasmgate_plugin_handler()
+                    .call_on_request(&mut self.store)
+                    .await;
+                match self.finish(Phase::Request, outcome) {
+                    Ok(Action::Continue) => Ok(Decision::Continue),
+                    Ok(Action::Respond(response)) => {
+                        immediate_response(response, &self.store.data().budget)
+                            .inspect_err(|_| self.poisoned = true)
+                    }
+                    Err(err) => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        };
+        (self.take_exchange(), decision)
     }
 
     /// Runs the response phase. The exchange, with its response, comes back whatever happened.
-    pub fn on_response(
+    pub async fn on_response(
         &mut self,
         exchange: Box<Exchange>,
     ) -> (Box<Exchange>, Result<(), PluginError>) {
-        self.call(exchange, Phase::Response, |world, store| {
-            world.wasmgate_plugin_handler().call_on_response(store)
-        })
+        self.store.data_mut().exchange = Some(exchange);
+        let outcome = match self.begin(Phase::Response) {
+            Ok(()) => {
+                let outcome = self
+                    .world
+                    .wasmgate_plugin_handler()
+                    .call_on_response(&mut self.store)
+                    .await;
+                self.finish(Phase::Response, outcome)
+            }
+            Err(err) => Err(err),
+        };
+        (self.take_exchange(), outcome)
     }
 
-    fn call<R>(
-        &mut self,
-        exchange: Box<Exchange>,
-        phase: Phase,
-        f: impl FnOnce(&PluginWorld, &mut Store<PluginState>) -> wasmtime::Result<R>,
-    ) -> (Box<Exchange>, Result<R, PluginError>) {
-        let state = self.store.data_mut();
-        state.exchange = Some(exchange);
-        state.phase = phase;
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let result =
-            f(&self.world, &mut self.store).map_err(|err| PluginError::from_wasmtime(phase, err));
-        let exchange = self
-            .store
+    fn take_exchange(&mut self) -> Box<Exchange> {
+        self.store
             .data_mut()
             .exchange
             .take()
-            .expect("the exchange stays in the store for the whole call");
-        (exchange, result)
+            .expect("the exchange stays in the store for the whole call")
+    }
+
+    /// Prepares a call: refuses a poisoned instance, resets the per-call budget.
+    fn begin(&mut self, phase: Phase) -> Result<(), PluginError> {
+        if self.poisoned {
+            return Err(PluginError {
+                kind: FailureKind::Trap,
+                phase,
+                detail: "the instance failed earlier and is not entered again".into(),
+            });
+        }
+        let state = self.store.data_mut();
+        state.phase = phase;
+        state.calls = 0;
+        state.ran = Duration::ZERO;
+        state.running_since = Instant::now();
+        if let Some(mark) = &state.resumed_at {
+            mark.store(0, Ordering::Relaxed);
+        }
+        self.store.set_epoch_deadline(1);
+        Ok(())
+    }
+
+    /// Ends a call: a failure poisons the instance and is classified.
+    fn finish<R>(&mut self, phase: Phase, outcome: wasmtime::Result<R>) -> Result<R, PluginError> {
+        outcome.map_err(|err| {
+            self.poisoned = true;
+            classify(&mut self.store, phase, err)
+        })
+    }
+}
+
+/// Names a failed call's kind: a breach the host recorded, the memory cap, the deadline, or a
+/// plain trap (with the guest's panic message, when it wrote one).
+fn classify(store: &mut Store<PluginState>, phase: Phase, err: wasmtime::Error) -> PluginError {
+    let state = store.data_mut();
+    if let Some((kind, detail)) = state.failure.take() {
+        return PluginError {
+            kind,
+            phase,
+            detail,
+        };
+    }
+    if state.limiter.breached {
+        return PluginError {
+            kind: FailureKind::Memory,
+            phase,
+            detail: format!("{err:?}"),
+        };
+    }
+    let stderr = state.stderr.contents();
+    let mut detail = format!("{err:?}");
+    if !stderr.is_empty() {
+        detail.push_str("\nplugin stderr: ");
+        detail.push_str(&String::from_utf8_lossy(&stderr));
+    }
+    PluginError {
+        kind: FailureKind::Trap,
+        phase,
+        detail,
     }
 }
 
 /// Checks and converts a plugin's immediate response.
-fn immediate_response(response: ImmediateResponse) -> Result<Decision, PluginError> {
-    let status =
-        http::StatusCode::from_u16(response.status).map_err(|_| PluginError::Contract {
-            phase: Phase::Request,
-            message: format!("immediate response status {} is not valid", response.status),
-        })?;
+fn immediate_response(
+    response: ImmediateResponse,
+    budget: &PluginBudget,
+) -> Result<Decision, PluginError> {
+    let refuse = |kind, detail: String| PluginError {
+        kind,
+        phase: Phase::Request,
+        detail: format!("immediate response: {detail}"),
+    };
+    let status = http::StatusCode::from_u16(response.status).map_err(|_| {
+        refuse(
+            FailureKind::Contract,
+            format!("status {} is not valid", response.status),
+        )
+    })?;
+    if response.headers.len() > budget.headers as usize {
+        return Err(refuse(
+            FailureKind::Cap,
+            format!(
+                "{} headers, more than the {} allowed",
+                response.headers.len(),
+                budget.headers
+            ),
+        ));
+    }
+    if response.body.len() as u64 > budget.body {
+        return Err(refuse(
+            FailureKind::Cap,
+            format!(
+                "a body of {} bytes, more than the {} allowed",
+                response.body.len(),
+                budget.body
+            ),
+        ));
+    }
     let mut built = http::Response::new(bytes::Bytes::from(response.body));
     *built.status_mut() = status;
     for (name, value) in &response.headers {
-        let (name, value) = exchange::checked_header(name, value, false).map_err(|message| {
-            PluginError::Contract {
-                phase: Phase::Request,
-                message: format!("immediate response: {message}"),
-            }
-        })?;
+        if value.len() > budget.header_value as usize {
+            return Err(refuse(
+                FailureKind::Cap,
+                format!("the value of `{name}` is too long"),
+            ));
+        }
+        let (name, value) = exchange::checked_header(name, value, false)
+            .map_err(|m| refuse(FailureKind::Contract, m))?;
         built.headers_mut().append(name, value);
     }
     Ok(Decision::Respond(built))
 }
-
-/// Why a plugin call failed.
-#[derive(Debug)]
-pub enum PluginError {
-    /// The plugin's `configure` refused its configuration.
-    Config(String),
-    /// The call ran past its deadline.
-    Deadline {
-        /// The phase that was running.
-        phase: Phase,
-    },
-    /// The plugin trapped (a panic, an out-of-bounds access, a refused memory growth, a
-    /// host call made out of phase).
-    Trap {
-        /// The phase that was running.
-        phase: Phase,
-        /// wasmtime's description, with the guest backtrace when there is one.
-        message: String,
-    },
-    /// The plugin returned something the gateway cannot use.
-    Contract {
-        /// The phase that was running.
-        phase: Phase,
-        /// What was wrong.
-        message: String,
-    },
-}
-
-impl PluginError {
-    fn from_wasmtime(phase: Phase, err: wasmtime::Error) -> PluginError {
-        match err.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => PluginError::Deadline { phase },
-            _ => PluginError::Trap {
-                phase,
-                message: format!("{err:?}"),
-            },
-        }
-    }
-}
-
-impl fmt::Display for PluginError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PluginError::Config(message) => write!(f, "invalid config: {message}"),
-            PluginError::Deadline { phase } => {
-                write!(f, "{} phase ran past its deadline", phase.as_str())
-            }
-            PluginError::Trap { phase, message } => {
-                write!(f, "trapped in the {} phase: {message}", phase.as_str())
-            }
-            PluginError::Contract { phase, message } => {
-                write!(f, "{} phase: {message}", phase.as_str())
-            }
-        }
-    }
-}
-
-impl std::error::Error for PluginError {}
 
 /// The data of a plugin instance's store.
 pub struct PluginState {
     exchange: Option<Box<Exchange>>,
     phase: Phase,
     plugin: Arc<str>,
-    body_access: bool,
-    limits: StoreLimits,
+    budget: PluginBudget,
+    /// Host calls made in the current call.
+    calls: u32,
+    /// Time the current call ran before `running_since`.
+    ran: Duration,
+    /// When the current call started, or last resumed after a yield.
+    running_since: Instant,
+    /// Set by the yield future when the call resumes (nanoseconds after [`TIME_BASE`]; 0 while
+    /// not resumed). Allocated at the first yield, which most calls never reach.
+    resumed_at: Option<Arc<AtomicU64>>,
+    /// A breach recorded by a host call, which then traps.
+    failure: Option<(FailureKind, String)>,
+    limiter: Limiter,
     wasi: WasiCtx,
     table: ResourceTable,
+    stderr: MemoryOutputPipe,
+}
+
+impl PluginState {
+    /// How long the current call has run, not counting time spent yielded.
+    fn time_spent(&mut self, now: Instant) -> Duration {
+        if let Some(mark) = &self.resumed_at {
+            let resumed = mark.swap(0, Ordering::Acquire);
+            if resumed != 0 {
+                self.running_since = *TIME_BASE + Duration::from_nanos(resumed);
+            }
+        }
+        self.ran + now.saturating_duration_since(self.running_since)
+    }
 }
 
 impl WasiView for PluginState {
@@ -413,5 +623,30 @@ impl Drop for EpochTicker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_contract_and_the_std_baseline_are_granted() {
+        assert!(is_granted("wasmgate:plugin/request@0.1.0"));
+        assert!(is_granted("wasi:cli/environment@0.2.6"));
+        assert!(is_granted("wasi:filesystem/types@0.2.0"));
+        assert!(!is_granted("wasi:sockets/tcp@0.2.6"));
+        assert!(!is_granted("wasi:http/outgoing-handler@0.2.6"));
+        assert!(!is_granted("evil:thing/steal"));
+    }
+
+    #[test]
+    fn instance_slots_are_capped_and_given_back() {
+        let live = Arc::new(AtomicU32::new(0));
+        let a = InstanceSlot::take(&live, 2).unwrap();
+        let _b = InstanceSlot::take(&live, 2).unwrap();
+        assert!(InstanceSlot::take(&live, 2).is_none());
+        drop(a);
+        assert!(InstanceSlot::take(&live, 2).is_some());
     }
 }

@@ -1,0 +1,66 @@
+//! Request ids: the `x-request-id` that ties a request's log lines, its upstream call and its
+//! answer together.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The header that carries the id, both ways.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's id when it sent a sane one (1 to 128 characters of `[A-Za-z0-9._:-]`), or a
+/// new one.
+pub fn for_request(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(value) if is_sane(value.as_bytes()) => value.clone(),
+        _ => generate(),
+    }
+}
+
+fn is_sane(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A new id: 32 hex digits, unique within the process (a counter) and unlikely to repeat across
+/// processes (a random seed), scrambled so that ids do not reveal request counts.
+pub fn generate() -> HeaderValue {
+    static SEED: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let high = splitmix64(*SEED ^ n);
+    let low = splitmix64(high ^ n.rotate_left(32));
+    let text = format!("{high:016x}{low:016x}");
+    HeaderValue::from_str(&text).expect("hex digits are a valid header value")
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_sane_client_ids_and_replaces_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(for_request(&headers), "abc-123");
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(for_request(&headers), "has space");
+        assert_eq!(for_request(&HeaderMap::new()).len(), 32);
+    }
+
+    #[test]
+    fn generated_ids_differ() {
+        assert_ne!(generate(), generate());
+    }
+}
