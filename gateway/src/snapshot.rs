@@ -176,6 +176,8 @@ impl Snapshot {
         }
 
         if !errors.is_empty() {
+            // Plugins and upstreams were visited by name: report in file order.
+            errors.sort_by_key(|err| err.line);
             return Err(ManifestErrors(errors));
         }
         Ok(Snapshot {

@@ -4,8 +4,8 @@
 //! instance starts, then sees the request (request phase) and the response (response phase) of the
 //! exchange it serves. One [`export_plugin!`] line turns it into a `wasm32-wasip2` component:
 //!
-//! ```ignore
-//! use wasmgate_plugin_sdk::{export_plugin, Action, Plugin, Request, Response};
+//! ```no_run
+//! use wasmgate_plugin_sdk::{export_plugin, Action, ImmediateResponse, Plugin, Request};
 //!
 //! #[derive(serde::Deserialize)]
 //! #[serde(deny_unknown_fields)]
@@ -388,7 +388,13 @@ pub mod log {
 ///
 /// Use it once per plugin crate, at the top level:
 ///
-/// ```ignore
+/// ```no_run
+/// # use wasmgate_plugin_sdk::Plugin;
+/// # struct MyPlugin;
+/// # impl Plugin for MyPlugin {
+/// #     type Config = ();
+/// #     fn new(_: ()) -> Result<Self, String> { Ok(MyPlugin) }
+/// # }
 /// wasmgate_plugin_sdk::export_plugin!(MyPlugin);
 /// ```
 #[macro_export]

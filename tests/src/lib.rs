@@ -376,3 +376,26 @@ async fn send_with(
         body,
     }
 }
+
+/// Compares `actual` with the snapshot `tests/snapshots/<name>.txt`; with `WASMGATE_BLESS=1`,
+/// writes it instead. Paths that vary between machines should be replaced first.
+pub fn assert_snapshot(name: &str, actual: &str) {
+    let path = workspace_root()
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("WASMGATE_BLESS").is_some() {
+        std::fs::write(&path, actual).expect("writing the snapshot");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "no snapshot {}; run the test with WASMGATE_BLESS=1 to write it",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{name} differs from {}:\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}

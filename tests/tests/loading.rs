@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use wasmgate_tests::{TestUpstream, plugin, workspace_root, write_manifest};
+use wasmgate_tests::{
+    TestUpstream, assert_snapshot, plugin, plugin_dir, workspace_root, write_manifest,
+};
 
 fn cli(args: &[&str], manifest: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
@@ -221,4 +223,157 @@ fn version_prints_the_crate_version() {
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.trim().ends_with(env!("CARGO_PKG_VERSION")), "{text}");
+}
+
+/// `check`'s whole output, with the machine's paths replaced.
+fn check_output(dir: &Path, manifest: &Path) -> (Option<i32>, String) {
+    let output = cli(&["check"], manifest);
+    let text = format!(
+        "{}{}",
+        stderr(&output),
+        String::from_utf8_lossy(&output.stdout)
+    )
+    .replace(&plugin_dir().display().to_string(), "$PLUGINS")
+    .replace(&dir.display().to_string(), "$DIR");
+    (output.status.code(), text)
+}
+
+#[test]
+fn check_refuses_components_that_are_not_plugins_or_import_what_is_not_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    // A core module, an empty component (no world at all), and bytes that are not wasm.
+    std::fs::write(dir.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    std::fs::write(dir.path().join("empty.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    std::fs::write(dir.path().join("garbage.wasm"), b"not wasm at all").unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  sockets: { source: "{plugins}/sockets_plugin.wasm" }
+  core: { source: core.wasm }
+  empty: { source: empty.wasm }
+  garbage: { source: garbage.wasm }
+  missing: { source: missing.wasm }
+  huge: { source: "{plugins}/probe_plugin.wasm", memory: 1GiB }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - name: r
+    match: { prefix: / }
+    upstream: main
+    plugins: [{ name: sockets }, { name: core }, { name: empty }]
+"#,
+    );
+    let (code, text) = check_output(dir.path(), &manifest);
+    assert_eq!(code, Some(1), "{text}");
+    assert_snapshot("check-refused-components", &text);
+}
+
+#[test]
+fn check_warns_when_an_auth_plugin_fails_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  deny: { source: "{plugins}/deny_plugin.wasm" }
+  probe: { source: "{plugins}/probe_plugin.wasm" }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - name: careless
+    match: { prefix: /careless }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: p }, on_failure: fail-open }
+      - { name: deny, on_failure: fail-open }
+  - name: careful
+    match: { prefix: /careful }
+    upstream: main
+    plugins:
+      - { name: deny }
+"#,
+    );
+    let (code, text) = check_output(dir.path(), &manifest);
+    assert_eq!(code, Some(0), "{text}");
+    assert_snapshot("check-auth-fail-open", &text);
+}
+
+#[tokio::test]
+async fn the_operator_log_reports_a_failure_in_full_and_the_client_gets_only_the_id() {
+    let upstream = TestUpstream::start("main").await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  crashy: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fragile, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: crashy, config: {{ mode: panic }} }}] }}\n",
+            upstream.url()
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .args(["run", "-c"])
+        .arg(&manifest)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut log = String::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = next_line(&mut lines).await;
+        if let Some(at) = line.find("addr=") {
+            break line[at + 5..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+    };
+    let response = wasmgate_tests::send(
+        addr,
+        http::Request::get("/boom")
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, http::StatusCode::INTERNAL_SERVER_ERROR);
+    let id = response.header("x-request-id").to_string();
+    assert_eq!(
+        response.text(),
+        format!("internal error; request id {id}\n")
+    );
+    while !log.contains("plugin failed") {
+        log.push_str(&next_line(&mut lines).await);
+        log.push('\n');
+    }
+    // The record names everything the operator needs; the guest backtrace and the panic
+    // message follow it.
+    for expected in [
+        "route=\"fragile\"",
+        "plugin=\"crashy\"",
+        "phase=\"request\"",
+        "kind=\"trap\"",
+        &format!("request_id=\"{id}\""),
+        "wasm backtrace",
+        "misbehave: deliberate panic",
+    ] {
+        assert!(log.contains(expected), "missing {expected} in:\n{log}");
+    }
+    child.kill().await.unwrap();
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the gateway logs in time")
+        .unwrap()
+        .expect("the gateway is still running")
 }

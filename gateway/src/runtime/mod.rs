@@ -147,6 +147,9 @@ impl Runtime {
             ));
         }
         let bytes = std::fs::read(path).map_err(|err| format!("cannot read `{shown}`: {err}"))?;
+        if !bytes.starts_with(b"\0asm") {
+            return Err(format!("`{shown}` is not WebAssembly (no `\\0asm` header)"));
+        }
         let component = match compiled.0.get(&bytes) {
             Some(component) => component.clone(),
             None => {
