@@ -128,11 +128,24 @@ impl Snapshot {
                 let Some(plugin) = plugins.get(used.value.name.as_str()) else {
                     continue; // Reported when the plugin failed to load.
                 };
-                let config = used
-                    .value
-                    .config
-                    .as_ref()
-                    .map_or_else(|| "null".to_string(), |c| c.to_string());
+                let config = match &used.value.config {
+                    None => Ok("null".to_string()),
+                    Some(config) => {
+                        resolve_references(config.clone(), manifest).map(|c| c.to_string())
+                    }
+                };
+                let config = match config {
+                    Ok(config) => config,
+                    Err(message) => {
+                        errors.push(
+                            ManifestError::new(file, message)
+                                .at_line(used.referenced.line())
+                                .in_route(&route.name)
+                                .for_plugin(&used.value.name),
+                        );
+                        continue;
+                    }
+                };
                 let here = || {
                     ManifestError::new(file, "")
                         .at_line(used.referenced.line())
@@ -211,4 +224,92 @@ impl Snapshot {
 
 fn clamp_u32(bytes: u64) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Replaces references in a plugin's config with what they name, so that secrets need not be
+/// written in the manifest: `{ $env: NAME }` becomes the value of the gateway's environment
+/// variable, `{ $file: path }` the text of a file (relative to the manifest's folder). The plugin
+/// sees only the values.
+fn resolve_references(
+    mut value: serde_json::Value,
+    manifest: &Manifest,
+) -> Result<serde_json::Value, String> {
+    fn walk(value: &mut serde_json::Value, manifest: &Manifest, at: &str) -> Result<(), String> {
+        use serde_json::Value;
+        match value {
+            Value::Object(map)
+                if map.len() == 1 && (map.contains_key("$env") || map.contains_key("$file")) =>
+            {
+                let (kind, target) = map.iter().next().expect("one entry");
+                let Some(target) = target.as_str() else {
+                    return Err(format!("config `{at}`: `{kind}` takes a string"));
+                };
+                let resolved = if kind == "$env" {
+                    std::env::var(target).map_err(|_| {
+                        format!("config `{at}`: environment variable `{target}` is not set")
+                    })?
+                } else {
+                    let path = manifest.resolve(std::path::Path::new(target));
+                    std::fs::read_to_string(&path).map_err(|err| {
+                        format!("config `{at}`: cannot read `{}`: {err}", path.display())
+                    })?
+                };
+                *value = Value::String(resolved);
+            }
+            Value::Object(map) => {
+                for (key, item) in map.iter_mut() {
+                    let path = if at.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{at}.{key}")
+                    };
+                    walk(item, manifest, &path)?;
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    walk(item, manifest, &format!("{at}[{i}]"))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    walk(&mut value, manifest, "")?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_resolve_to_environment_and_file_values() {
+        let dir = std::env::temp_dir().join(format!("wasmgate-ref-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwks.json"), "{\"keys\":[]}").unwrap();
+        let manifest = Manifest {
+            path: dir.join("gw.yaml"),
+            spec: serde_saphyr::from_str("version: 1\nlisteners: []\n").unwrap(),
+        };
+        let config = serde_json::json!({
+            "keys": [{ "secret": { "$env": "PATH" } }],
+            "jwks": { "$file": "jwks.json" },
+            "plain": { "$other": 1 },
+        });
+        let resolved = resolve_references(config, &manifest).unwrap();
+        assert_eq!(
+            resolved["keys"][0]["secret"],
+            std::env::var("PATH").unwrap()
+        );
+        assert_eq!(resolved["jwks"], "{\"keys\":[]}");
+        assert_eq!(resolved["plain"], serde_json::json!({ "$other": 1 }));
+
+        let missing = serde_json::json!({ "a": [{ "b": { "$env": "WASMGATE_SURELY_UNSET" } }] });
+        assert_eq!(
+            resolve_references(missing, &manifest).unwrap_err(),
+            "config `a[0].b`: environment variable `WASMGATE_SURELY_UNSET` is not set"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

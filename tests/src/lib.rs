@@ -27,6 +27,8 @@ pub const GUESTS: &[&str] = &[
     "misbehave-plugin",
     "sockets-plugin",
     "deny-plugin",
+    "bench-plugin",
+    "jwt-auth",
 ];
 
 /// The workspace's root folder.

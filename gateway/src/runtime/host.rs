@@ -336,14 +336,44 @@ impl log::Host for PluginState {
             Some(exchange) => (&*exchange.route, exchange.request_id()),
             None => ("", ""),
         };
-        // `{:?}` escapes control characters, so a plugin cannot forge log lines.
+        // Control characters are escaped, so a plugin cannot forge log lines.
+        let message = escape_controls(&message);
         match level {
-            LogLevel::Trace => tracing::trace!(plugin, route, request_id, "{message:?}"),
-            LogLevel::Debug => tracing::debug!(plugin, route, request_id, "{message:?}"),
-            LogLevel::Info => tracing::info!(plugin, route, request_id, "{message:?}"),
-            LogLevel::Warn => tracing::warn!(plugin, route, request_id, "{message:?}"),
-            LogLevel::Error => tracing::error!(plugin, route, request_id, "{message:?}"),
+            LogLevel::Trace => tracing::trace!(plugin, route, request_id, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, route, request_id, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, route, request_id, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, route, request_id, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, route, request_id, "{message}"),
         }
         Ok(())
+    }
+}
+
+/// The text with control characters written as `\u{..}` escapes; borrowed when there are none,
+/// which is the common case.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls(r#"{"a": "b"}"#), r#"{"a": "b"}"#);
+        assert_eq!(escape_controls("x\ny\u{1b}[31m"), "x\\u{a}y\\u{1b}[31m");
     }
 }
