@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
@@ -50,6 +51,7 @@ async fn route_and_forward(
     client_addr: SocketAddr,
     request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
+    let received = Instant::now();
     let host = request_host(&request);
     let route = match snapshot.route(host, request.uri().path(), request.method()) {
         Ok(route) => route,
@@ -72,7 +74,7 @@ async fn route_and_forward(
         return forward(route, upstream_request).await;
     }
     let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
-    run_chain(route, snapshot.max_body, Box::new(exchange), body).await
+    run_chain(route, snapshot.max_body, Box::new(exchange), body, received).await
 }
 
 async fn run_chain(
@@ -80,6 +82,7 @@ async fn run_chain(
     max_body: u64,
     mut exchange: Box<Exchange>,
     body: Incoming,
+    received: Instant,
 ) -> Response<ProxyBody> {
     let mut body = Some(body);
     if route.buffer_body {
@@ -141,9 +144,17 @@ async fn run_chain(
                 // A plugin may have replaced the body: let hyper frame the one we send.
                 upstream_request.headers_mut().remove(CONTENT_LENGTH);
             }
-            forward(route, upstream_request).await
+            let sent = Instant::now();
+            let response = forward(route, upstream_request).await;
+            exchange
+                .properties
+                .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
+            response
         }
     };
+    exchange
+        .properties
+        .insert(DURATION_MS.into(), millis(received.elapsed()));
 
     // Response phase, in reverse chain order.
     let (parts, mut response_body) = response.into_parts();
@@ -175,6 +186,18 @@ async fn run_chain(
         .take()
         .expect("the response stays in the exchange");
     Response::from_parts(parts, response_body)
+}
+
+/// Property set by the gateway for the response phase: milliseconds from the request's arrival to
+/// its response head.
+pub const DURATION_MS: &str = "wasmgate.duration_ms";
+
+/// Property set by the gateway for the response phase, when the upstream was called: milliseconds
+/// from sending the request upstream to its response head.
+pub const UPSTREAM_MS: &str = "wasmgate.upstream_ms";
+
+fn millis(elapsed: std::time::Duration) -> String {
+    format!("{:.3}", elapsed.as_secs_f64() * 1000.0)
 }
 
 /// What a plugin's request phase may change, kept before a fail-open plugin runs so that a

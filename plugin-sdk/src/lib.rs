@@ -308,9 +308,12 @@ impl Response {
     }
 }
 
-/// Header edits that the request (in the request phase) and the response have in common, so that
-/// one piece of plugin code can serve both.
+/// Header reads and edits that the request (in the request phase) and the response have in
+/// common, so that one piece of plugin code can serve both, and a test double can stand in for
+/// them in unit tests.
 pub trait EditHeaders {
+    /// Every value of a header, in order.
+    fn header_values(&self, name: &str) -> Vec<String>;
     /// Replaces every value of a header with `value`.
     fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
     /// Appends a value to a header.
@@ -322,6 +325,9 @@ pub trait EditHeaders {
 macro_rules! delegate_edit_headers {
     ($ty:ty) => {
         impl EditHeaders for $ty {
+            fn header_values(&self, name: &str) -> Vec<String> {
+                <$ty>::header_values(self, name)
+            }
             fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
                 <$ty>::set_header(self, name, value)
             }

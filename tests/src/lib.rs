@@ -29,6 +29,9 @@ pub const GUESTS: &[&str] = &[
     "deny-plugin",
     "bench-plugin",
     "jwt-auth",
+    "api-key",
+    "access-log",
+    "cors",
 ];
 
 /// The workspace's root folder.
@@ -400,4 +403,72 @@ pub fn assert_snapshot(name: &str, actual: &str) {
         "{name} differs from {}:\n--- expected\n{expected}\n--- actual\n{actual}",
         path.display()
     );
+}
+
+/// A gateway run as a process (`wasmgate run`), for tests that read its log.
+pub struct CliGateway {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// The first listener's address, read from the log.
+    pub addr: SocketAddr,
+    /// The folder holding the manifest.
+    pub dir: tempfile::TempDir,
+}
+
+impl CliGateway {
+    /// Writes the manifest and starts `bin run -c manifest` (the test passes
+    /// `env!("CARGO_BIN_EXE_wasmgate-cli")`), with `envs` added to its environment.
+    pub async fn start(bin: &str, manifest: &str, envs: &[(&str, &str)]) -> CliGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = write_manifest(dir.path(), manifest);
+        let mut child = tokio::process::Command::new(bin)
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting the gateway");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut gateway = CliGateway {
+            child,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr)),
+            addr: "127.0.0.1:0".parse().expect("an address"),
+            dir,
+        };
+        let line = gateway.line_containing("addr=").await;
+        let at = line.find("addr=").expect("found above") + 5;
+        gateway.addr = line[at..]
+            .split_whitespace()
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .expect("the listening address in the log");
+        gateway
+    }
+
+    /// The next log line that contains `needle` (within 30 s).
+    pub async fn line_containing(&mut self, needle: &str) -> String {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in time"))
+                .expect("reading the log")
+                .unwrap_or_else(|| panic!("the gateway exited before logging {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends a request.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> TestResponse {
+        send(self.addr, request).await
+    }
+
+    /// Stops the process.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }

@@ -310,6 +310,11 @@ impl properties::Host for PluginState {
                 "property keys are limited to {MAX_PROPERTY_KEY} bytes and values to {MAX_PROPERTY_VALUE}"
             )));
         }
+        if key.starts_with("wasmgate.") {
+            return Ok(Err(
+                "properties named `wasmgate.*` are set by the gateway only".into(),
+            ));
+        }
         if properties.len() >= MAX_PROPERTIES && !properties.contains_key(&key) {
             return Ok(Err(format!(
                 "a request carries at most {MAX_PROPERTIES} properties"

@@ -473,7 +473,10 @@ impl Plugin for JwtAuth {
             [] => return Action::Respond(refuse(&Refusal::Missing, realm)),
             [token] if !token.is_empty() => token,
             [_] => {
-                return Action::Respond(refuse(&Refusal::InvalidToken("not a bearer token"), realm));
+                return Action::Respond(refuse(
+                    &Refusal::InvalidToken("not a bearer token"),
+                    realm,
+                ));
             }
             _ => return Action::Respond(refuse(&Refusal::InvalidRequest, realm)),
         };

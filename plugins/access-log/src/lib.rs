@@ -1,0 +1,345 @@
+//! `access-log`: one JSON line per request, written through the gateway's log.
+//!
+//! ```yaml
+//! - name: access-log            # put it first in the chain, so it sees every outcome
+//!   config:
+//!     fields: [time, request_id, route, method, path, status, duration_ms]   # default: all
+//!     headers: [user-agent, referer]        # request headers to include
+//!     redact_headers: [x-api-key]           # logged as "[redacted]"
+//!     redact_query: [token, access_token]   # query parameter values replaced
+//! ```
+//!
+//! Fields: `time` (RFC 3339, UTC), `request_id`, `route`, `method`, `path`, `query`, `status`,
+//! `duration_ms` (arrival to response head), `upstream_ms` (absent when the upstream was not
+//! called), `client`, `subject` (from jwt-auth), `consumer` (from api-key), `bytes_in` and
+//! `bytes_out` (the `content-length`s, when known). `authorization`, `cookie` and `set-cookie`
+//! are always redacted, whatever the configuration says. Control characters in values are
+//! escaped by the JSON encoding.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use wasmgate_plugin_sdk::{Plugin, Request, Response, export_plugin, log, properties};
+
+/// Every field, in output order.
+pub const FIELDS: [&str; 15] = [
+    "time",
+    "request_id",
+    "route",
+    "method",
+    "path",
+    "query",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "client",
+    "subject",
+    "consumer",
+    "bytes_in",
+    "bytes_out",
+    "headers",
+];
+
+/// Headers never logged in clear, whatever the configuration.
+const ALWAYS_REDACTED: [&str; 3] = ["authorization", "cookie", "set-cookie"];
+
+/// Query parameters redacted by default.
+fn default_redact_query() -> Vec<String> {
+    [
+        "access_token",
+        "token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The plugin's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Fields to write (default: all).
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// Request headers to include, under `headers`.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Further headers whose values are redacted.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+    /// Query parameters whose values are redacted.
+    #[serde(default = "default_redact_query")]
+    pub redact_query: Vec<String>,
+}
+
+/// What one line is made of.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Entry {
+    /// Seconds and nanoseconds since the Unix epoch.
+    pub time: (u64, u32),
+    /// Values of the simple fields, by name.
+    pub values: Vec<(&'static str, Value)>,
+    /// Selected request headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The plugin.
+pub struct AccessLog {
+    fields: BTreeSet<&'static str>,
+    headers: Vec<String>,
+    redact_headers: BTreeSet<String>,
+    redact_query: BTreeSet<String>,
+}
+
+impl AccessLog {
+    fn wants(&self, field: &str) -> bool {
+        self.fields.contains(field)
+    }
+
+    /// Builds the JSON line.
+    pub fn render(&self, entry: &Entry) -> String {
+        let mut line = Map::new();
+        for field in FIELDS {
+            if !self.wants(field) {
+                continue;
+            }
+            match field {
+                "time" => {
+                    line.insert(
+                        "time".into(),
+                        Value::String(rfc3339(entry.time.0, entry.time.1)),
+                    );
+                }
+                "headers" if !self.headers.is_empty() => {
+                    let headers: Map<String, Value> = entry
+                        .headers
+                        .iter()
+                        .map(|(name, value)| {
+                            let shown = if self.redacted(name) {
+                                "[redacted]"
+                            } else {
+                                value.as_str()
+                            };
+                            (name.clone(), Value::String(shown.to_string()))
+                        })
+                        .collect();
+                    line.insert("headers".into(), Value::Object(headers));
+                }
+                "query" => {
+                    if let Some((_, Value::String(query))) =
+                        entry.values.iter().find(|(n, _)| *n == "query")
+                    {
+                        line.insert("query".into(), Value::String(self.redact_query(query)));
+                    }
+                }
+                _ => {
+                    if let Some((_, value)) = entry.values.iter().find(|(n, _)| *n == field) {
+                        line.insert(field.into(), value.clone());
+                    }
+                }
+            }
+        }
+        Value::Object(line).to_string()
+    }
+
+    fn redacted(&self, header: &str) -> bool {
+        let header = header.to_ascii_lowercase();
+        ALWAYS_REDACTED.contains(&header.as_str()) || self.redact_headers.contains(&header)
+    }
+
+    fn redact_query(&self, query: &str) -> String {
+        query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if self.redact_query.contains(key) => format!("{key}=[redacted]"),
+                _ => pair.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+/// Formats a Unix time as RFC 3339 in UTC with milliseconds.
+pub fn rfc3339(secs: u64, nanos: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        nanos / 1_000_000
+    )
+}
+
+fn number(text: Option<String>) -> Option<Value> {
+    let text = text?;
+    text.parse::<u64>().map(Value::from).ok().or_else(|| {
+        text.parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+    })
+}
+
+impl Plugin for AccessLog {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        let fields = match &config.fields {
+            None => FIELDS.into_iter().collect(),
+            Some(list) => list
+                .iter()
+                .map(|f| {
+                    FIELDS
+                        .iter()
+                        .find(|known| *known == f)
+                        .copied()
+                        .ok_or_else(|| {
+                            format!("unknown field `{f}` (known: {})", FIELDS.join(", "))
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(AccessLog {
+            fields,
+            headers: config
+                .headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            redact_headers: config
+                .redact_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            redact_query: config.redact_query.into_iter().collect(),
+        })
+    }
+
+    fn on_response(&self, request: &Request, response: &mut Response) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut values: Vec<(&'static str, Value)> = Vec::new();
+        let mut put = |field: &'static str, value: Option<Value>| {
+            if let Some(value) = value
+                && self.wants(field)
+            {
+                values.push((field, value));
+            }
+        };
+        put(
+            "request_id",
+            request.header("x-request-id").map(Value::String),
+        );
+        put("route", Some(Value::String(request.route_name())));
+        put("method", Some(Value::String(request.method())));
+        put("path", Some(Value::String(request.path())));
+        put("query", request.query().map(Value::String));
+        put("status", Some(Value::from(response.status())));
+        put(
+            "duration_ms",
+            number(properties::get("wasmgate.duration_ms")),
+        );
+        put(
+            "upstream_ms",
+            number(properties::get("wasmgate.upstream_ms")),
+        );
+        put("client", Some(Value::String(request.client_addr())));
+        put("subject", properties::get("subject").map(Value::String));
+        put("consumer", properties::get("consumer").map(Value::String));
+        put("bytes_in", number(request.header("content-length")));
+        put("bytes_out", number(response.header("content-length")));
+        let headers = if self.wants("headers") {
+            self.headers
+                .iter()
+                .filter_map(|name| request.header(name).map(|value| (name.clone(), value)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let entry = Entry {
+            time: (now.as_secs(), now.subsec_nanos()),
+            values,
+            headers,
+        };
+        log::info(&self.render(&entry));
+    }
+}
+
+export_plugin!(AccessLog);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(json: &str) -> AccessLog {
+        AccessLog::new(serde_json::from_str(json).unwrap()).unwrap()
+    }
+
+    fn entry() -> Entry {
+        Entry {
+            time: (1_764_417_600, 123_000_000),
+            values: vec![
+                ("route", Value::from("api")),
+                ("method", Value::from("GET")),
+                ("path", Value::from("/a\nb")),
+                ("query", Value::from("x=1&token=s3cret")),
+                ("status", Value::from(200)),
+            ],
+            headers: vec![
+                ("user-agent".into(), "curl".into()),
+                ("authorization".into(), "Bearer s3cret".into()),
+                ("x-api-key".into(), "k".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn lines_are_json_with_secrets_redacted_and_controls_escaped() {
+        let log = plugin(
+            r#"{"headers":["user-agent","authorization","x-api-key"],"redact_headers":["X-Api-Key"]}"#,
+        );
+        let line = log.render(&entry());
+        assert!(!line.contains('\n'), "{line}");
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["time"], "2025-11-29T12:00:00.123Z");
+        assert_eq!(parsed["path"], "/a\nb");
+        assert_eq!(parsed["query"], "x=1&token=[redacted]");
+        assert_eq!(parsed["headers"]["user-agent"], "curl");
+        assert_eq!(parsed["headers"]["authorization"], "[redacted]");
+        assert_eq!(parsed["headers"]["x-api-key"], "[redacted]");
+        assert!(!line.contains("s3cret"), "{line}");
+    }
+
+    #[test]
+    fn fields_are_selectable_and_checked() {
+        let log = plugin(r#"{"fields":["status","route"]}"#);
+        assert_eq!(log.render(&entry()), r#"{"route":"api","status":200}"#);
+        let err = AccessLog::new(serde_json::from_str(r#"{"fields":["colour"]}"#).unwrap())
+            .err()
+            .unwrap();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 5_000_000), "2000-02-29T00:00:00.005Z");
+    }
+}

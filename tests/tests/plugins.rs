@@ -1,0 +1,325 @@
+//! The bundled policy plugins through the gateway, with their compiled wasm: api-key,
+//! access-log, cors and header-rewrite's placeholders.
+
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::Value;
+use wasmgate_tests::{CliGateway, TestGateway, TestUpstream};
+
+/// `printf %s k-alice | sha256sum`
+const ALICE_KEY_SHA256: &str = "8fab151ebfe45da0ce0c2a951f8bba063f8668389b08a793acf59f301a6dbd57";
+
+fn sha256_hex(text: &str) -> String {
+    // The tests compute the hash the operator would, rather than trusting the constant.
+    let output = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8(output.stdout).unwrap()[..64].to_string()
+}
+
+fn manifest(upstream: &TestUpstream) -> String {
+    let alice = sha256_hex("k-alice");
+    format!(
+        r#"version: 1
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+plugins:
+  access-log: {{ source: "{{plugins}}/access_log.wasm" }}
+  api-key: {{ source: "{{plugins}}/api_key.wasm" }}
+  cors: {{ source: "{{plugins}}/cors.wasm" }}
+  header-rewrite: {{ source: "{{plugins}}/header_rewrite.wasm" }}
+upstreams:
+  main: {{ targets: [{{ url: "{upstream}" }}] }}
+routes:
+  - name: keyed
+    match: {{ prefix: /keyed }}
+    upstream: main
+    plugins:
+      - name: access-log
+        config: {{ headers: [user-agent, authorization, x-api-key] }}
+      - name: api-key
+        config:
+          keys: [{{ consumer: alice, sha256: "{alice}" }}]
+          forward_consumer: x-consumer
+      - name: header-rewrite
+        config:
+          request:
+            set: {{ x-client: "{{client_addr}}", x-rid: "{{request_id}}", x-who: "{{property.consumer}}@{{route}}" }}
+            rename: {{ x-legacy: x-modern }}
+          response:
+            set: {{ x-echo-ua: "{{header.user-agent}}" }}
+            rename: {{ x-upstream: x-origin-server }}
+  - name: keyed-query
+    match: {{ prefix: /q }}
+    upstream: main
+    plugins:
+      - name: api-key
+        config: {{ keys: [{{ consumer: alice, sha256: "{alice}" }}], query: api_key }}
+  - name: web
+    match: {{ prefix: /web }}
+    upstream: main
+    plugins:
+      - name: cors
+        config:
+          allow_origins: ["https://app.example.com", "https://*.example.org"]
+          allow_methods: [GET, PUT]
+          allow_headers: [content-type, x-token]
+          expose_headers: [x-request-id]
+          allow_credentials: true
+          max_age: 600
+"#,
+        upstream = upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn api_key_admits_known_keys_and_records_the_consumer() {
+    assert_eq!(
+        sha256_hex("k-alice"),
+        ALICE_KEY_SHA256,
+        "the documented hash"
+    );
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    let request = Request::get("/keyed/orders")
+        .header("x-api-key", "k-alice")
+        .header("x-consumer", "mallory")
+        .header("x-legacy", "v1")
+        .header("user-agent", "tests/1")
+        .body(Full::default())
+        .unwrap();
+    let response = gateway.send(request).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let seen = upstream.last();
+    assert!(
+        !seen.headers.contains_key("x-api-key"),
+        "the key stays at the gateway"
+    );
+    let consumer: Vec<_> = seen.headers.get_all("x-consumer").iter().collect();
+    assert_eq!(consumer, ["alice"], "the client's claim was replaced");
+    // header-rewrite placeholders, read after api-key ran.
+    assert_eq!(seen.headers["x-who"], "alice@keyed");
+    assert!(
+        seen.headers["x-client"]
+            .to_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(seen.headers["x-rid"], response.header("x-request-id"));
+    assert_eq!(seen.headers["x-modern"], "v1");
+    assert!(!seen.headers.contains_key("x-legacy"));
+    assert_eq!(response.header("x-echo-ua"), "tests/1");
+    assert_eq!(response.header("x-origin-server"), "main");
+    assert_eq!(response.header("x-upstream"), "");
+
+    for key in [None, Some("k-bob"), Some("")] {
+        let mut request = Request::get("/keyed/orders");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let response = gateway.send(request.body(Full::default()).unwrap()).await;
+        assert_eq!(response.status, StatusCode::UNAUTHORIZED, "{key:?}");
+        assert_eq!(response.text(), "{\"error\":\"unauthorized\"}\n");
+    }
+    let two_keys = Request::get("/keyed/orders")
+        .header("x-api-key", "k-alice")
+        .header("x-api-key", "k-alice")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        gateway.send(two_keys).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(upstream.seen().len(), 1);
+
+    let by_query = gateway
+        .send(
+            Request::get("/q?api_key=k-alice")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(by_query.status, StatusCode::OK);
+    let wrong = gateway
+        .send(
+            Request::get("/q?api_key=nope")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn plain_api_keys_are_refused_at_load() {
+    let upstream = TestUpstream::start("main").await;
+    let text = manifest(&upstream).replacen(
+        &format!(
+            "keys: [{{ consumer: alice, sha256: \"{}\" }}]\n          forward_consumer",
+            sha256_hex("k-alice")
+        ),
+        "keys: [{ consumer: alice, key: k-alice }]\n          forward_consumer",
+        1,
+    );
+    let err = TestGateway::try_start(&text)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains(
+            "route `keyed`: plugin `api-key`: invalid config: keys[0]: a plain `key` is refused"
+        ),
+        "{err}"
+    );
+}
+
+/// The JSON of an access-log line, out of the gateway's log line.
+fn access_entry(line: &str) -> Value {
+    let start = line.find('{').expect("a JSON object");
+    let end = line
+        .find("} plugin=")
+        .expect("the plugin field after the message")
+        + 1;
+    serde_json::from_str(&line[start..end]).unwrap_or_else(|err| panic!("{err}: {line}"))
+}
+
+#[tokio::test]
+async fn access_log_writes_one_redacted_json_line_per_request() {
+    let upstream = TestUpstream::start("main").await;
+    let mut gateway = CliGateway::start(
+        env!("CARGO_BIN_EXE_wasmgate-cli"),
+        &manifest(&upstream),
+        &[],
+    )
+    .await;
+    let request = Request::get("/keyed/orders?token=s3cret&page=2")
+        .header("x-api-key", "k-alice")
+        .header("authorization", "Bearer s3cret")
+        .header("user-agent", "tests/1")
+        .body(Full::default())
+        .unwrap();
+    let response = gateway.send(request).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let line = gateway.line_containing("\"route\":\"keyed\"").await;
+    assert!(
+        !line.contains("s3cret") && !line.contains("k-alice"),
+        "secrets never logged: {line}"
+    );
+    let entry = access_entry(&line);
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["path"], "/keyed/orders");
+    assert_eq!(entry["query"], "token=[redacted]&page=2");
+    assert_eq!(entry["consumer"], "alice");
+    assert_eq!(entry["request_id"], response.header("x-request-id"));
+    assert_eq!(entry["headers"]["authorization"], "[redacted]");
+    assert!(entry["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(entry["duration_ms"].as_f64().unwrap() >= entry["upstream_ms"].as_f64().unwrap());
+    assert!(entry["time"].as_str().unwrap().ends_with('Z'));
+
+    // The logger sits before api-key: it sees the 401, with no consumer and no upstream time.
+    let refused = gateway
+        .send(Request::get("/keyed/x").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let entry = access_entry(&gateway.line_containing("\"route\":\"keyed\"").await);
+    assert_eq!(entry["status"], 401);
+    assert!(
+        entry.get("consumer").is_none() && entry.get("upstream_ms").is_none(),
+        "{entry}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn cors_answers_preflights_and_decorates_allowed_origins_only() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    let preflight = |origin: &str, method: &str, headers: &str| {
+        Request::options("/web/items")
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", headers)
+            .body(Full::default())
+            .unwrap()
+    };
+    let ok = gateway
+        .send(preflight(
+            "https://app.example.com",
+            "PUT",
+            "Content-Type, X-Token",
+        ))
+        .await;
+    assert_eq!(ok.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        "https://app.example.com"
+    );
+    assert_eq!(ok.header("access-control-allow-credentials"), "true");
+    assert_eq!(ok.header("access-control-allow-methods"), "GET, PUT");
+    assert_eq!(
+        ok.header("access-control-allow-headers"),
+        "content-type, x-token"
+    );
+    assert_eq!(ok.header("access-control-max-age"), "600");
+    let wildcard = gateway
+        .send(preflight("https://a.b.example.org", "GET", ""))
+        .await;
+    assert_eq!(wildcard.status, StatusCode::NO_CONTENT);
+
+    for refused in [
+        preflight("https://evil.example.com", "PUT", ""),
+        preflight("https://app.example.com", "DELETE", ""),
+        preflight("https://app.example.com", "GET", "x-secret"),
+    ] {
+        let response = gateway.send(refused).await;
+        assert_eq!(response.status, StatusCode::FORBIDDEN);
+        assert!(
+            response
+                .headers
+                .keys()
+                .all(|n| !n.as_str().starts_with("access-control"))
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "preflights are answered by the plugin"
+    );
+
+    let actual = |origin: &str| {
+        Request::get("/web/items")
+            .header("origin", origin)
+            .body(Full::default())
+            .unwrap()
+    };
+    let allowed = gateway.send(actual("https://app.example.com")).await;
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        "https://app.example.com"
+    );
+    assert_eq!(
+        allowed.header("access-control-expose-headers"),
+        "x-request-id"
+    );
+    assert_eq!(allowed.header("vary"), "Origin");
+    let other = gateway.send(actual("https://evil.example.com")).await;
+    assert_eq!(
+        other.status,
+        StatusCode::OK,
+        "CORS is enforced by the browser, not by refusing"
+    );
+    assert!(
+        other
+            .headers
+            .keys()
+            .all(|n| !n.as_str().starts_with("access-control"))
+    );
+}
