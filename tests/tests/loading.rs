@@ -161,7 +161,12 @@ fn check_accepts_the_bundled_example() {
     // The example names the plugins where the build puts them.
     wasmgate_tests::plugin_dir();
     let example = workspace_root().join("examples/gateway.yaml");
-    let output = cli(&["check"], &example);
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .args(["check", "-c"])
+        .arg(&example)
+        .env("DEMO_JWT_SECRET", "a-demo-secret-for-the-check-test-0123")
+        .output()
+        .expect("running wasmgate");
     assert!(output.status.success(), "{}", stderr(&output));
 }
 

@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use wasmgate_plugin_sdk::{Plugin, Request, Response, export_plugin, log, properties};
 
 /// Every field, in output order.
@@ -100,22 +100,17 @@ impl AccessLog {
         self.fields.contains(field)
     }
 
-    /// Builds the JSON line.
+    /// Builds the JSON line, fields in [`FIELDS`] order.
     pub fn render(&self, entry: &Entry) -> String {
-        let mut line = Map::new();
+        let mut line = Vec::new();
         for field in FIELDS {
             if !self.wants(field) {
                 continue;
             }
-            match field {
-                "time" => {
-                    line.insert(
-                        "time".into(),
-                        Value::String(rfc3339(entry.time.0, entry.time.1)),
-                    );
-                }
-                "headers" if !self.headers.is_empty() => {
-                    let headers: Map<String, Value> = entry
+            let value = match field {
+                "time" => Value::String(rfc3339(entry.time.0, entry.time.1)),
+                "headers" if !self.headers.is_empty() => Value::Object(
+                    entry
                         .headers
                         .iter()
                         .map(|(name, value)| {
@@ -126,24 +121,20 @@ impl AccessLog {
                             };
                             (name.clone(), Value::String(shown.to_string()))
                         })
-                        .collect();
-                    line.insert("headers".into(), Value::Object(headers));
-                }
-                "query" => {
-                    if let Some((_, Value::String(query))) =
-                        entry.values.iter().find(|(n, _)| *n == "query")
-                    {
-                        line.insert("query".into(), Value::String(self.redact_query(query)));
+                        .collect(),
+                ),
+                _ => match entry.values.iter().find(|(name, _)| *name == field) {
+                    Some((_, Value::String(query))) if field == "query" => {
+                        Value::String(self.redact_query(query))
                     }
-                }
-                _ => {
-                    if let Some((_, value)) = entry.values.iter().find(|(n, _)| *n == field) {
-                        line.insert(field.into(), value.clone());
-                    }
-                }
-            }
+                    Some((_, value)) => value.clone(),
+                    None => continue,
+                },
+            };
+            // serde_json escapes quotes and control characters in both key and value.
+            line.push(format!("{}:{value}", Value::String(field.to_string())));
         }
-        Value::Object(line).to_string()
+        format!("{{{}}}", line.join(","))
     }
 
     fn redacted(&self, header: &str) -> bool {
