@@ -34,7 +34,7 @@ const MODES: &[(&str, FailureKind)] = &[
 /// `/open/<mode>` behind a probe, and a clean route.
 fn manifest(upstream: &TestUpstream) -> String {
     let mut text = String::from(
-        "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\nlimits: { plugin_deadline: 20ms, plugin_memory: 8MiB }\nplugins:\n  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  deny: { source: \"{plugins}/deny_plugin.wasm\" }\n  trap-if-asked: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  stash: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  single: { source: \"{plugins}/probe_plugin.wasm\", instances: 1 }\n",
+        "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\nlimits: { plugin_deadline: 20ms, plugin_memory: 8MiB }\nplugins:\n  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  deny: { source: \"{plugins}/deny_plugin.wasm\" }\n  trap-if-asked: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  stash: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  single: { source: \"{plugins}/probe_plugin.wasm\", instances: 1 }\n  host-bound: { source: \"{plugins}/misbehave_plugin.wasm\", host_calls: 100000000 }\n",
     );
     for (mode, _) in MODES {
         text.push_str(&format!(
@@ -65,6 +65,9 @@ fn manifest(upstream: &TestUpstream) -> String {
     );
     text.push_str(
         "  - { name: single, match: { prefix: /single }, upstream: main, plugins: [{ name: single, config: { tag: one } }] }\n",
+    );
+    text.push_str(
+        "  - { name: host-bound, match: { prefix: /host-bound }, upstream: main, plugins: [{ name: host-bound, config: { mode: flood } }] }\n",
     );
     text
 }
@@ -297,4 +300,16 @@ async fn memory_does_not_grow_across_thousands_of_failing_requests() {
         "resident memory grew by {} KiB over 3000 failing requests",
         grown >> 10
     );
+}
+
+#[tokio::test]
+async fn the_deadline_holds_for_a_plugin_that_spends_its_time_in_host_calls() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    // A million host calls under a cap it never reaches: only the 20 ms deadline stops it.
+    let started = Instant::now();
+    let response = gateway.get("x.test", "/host-bound").await;
+    assert_bare_failure(&response, StatusCode::INTERNAL_SERVER_ERROR, "host-bound flood");
+    assert_eq!(gateway.failures("host-bound", FailureKind::Deadline), 1);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 }
