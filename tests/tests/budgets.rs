@@ -309,7 +309,15 @@ async fn the_deadline_holds_for_a_plugin_that_spends_its_time_in_host_calls() {
     // A million host calls under a cap it never reaches: only the 20 ms deadline stops it.
     let started = Instant::now();
     let response = gateway.get("x.test", "/host-bound").await;
-    assert_bare_failure(&response, StatusCode::INTERNAL_SERVER_ERROR, "host-bound flood");
+    assert_bare_failure(
+        &response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "host-bound flood",
+    );
     assert_eq!(gateway.failures("host-bound", FailureKind::Deadline), 1);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
 }

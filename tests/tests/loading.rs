@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use wasmgate_tests::{
-    TestUpstream, assert_snapshot, plugin, plugin_dir, workspace_root, write_manifest,
+    CliGateway, TestUpstream, assert_snapshot, plugin, plugin_dir, workspace_root, write_manifest,
 };
 
 fn cli(args: &[&str], manifest: &Path) -> Output {
@@ -173,50 +173,28 @@ fn check_accepts_the_bundled_example() {
 #[tokio::test]
 async fn run_serves_and_logs_where_it_listens() {
     let upstream = TestUpstream::start("main").await;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = write_manifest(
-        dir.path(),
-        &format!(
-            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: p }} }}] }}\n",
-            upstream.url()
-        ),
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: p }} }}] }}\n",
+        upstream.url()
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
-        .args(["run", "-c"])
-        .arg(&manifest)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
-    let addr = loop {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the gateway logs its address in time")
-            .unwrap()
-            .expect("the gateway is still running");
-        if let Some(at) = line.find("addr=") {
-            break line[at + 5..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-        }
-    };
-    let response = wasmgate_tests::send(
-        addr,
-        http::Request::get("/hello")
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    // `start` finds the listening address in the log, or fails.
+    let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
+    let response = gateway
+        .send(
+            http::Request::get("/hello")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await;
     assert_eq!(response.status, http::StatusCode::OK);
     assert_eq!(upstream.last().uri, "/hello");
-    child.kill().await.unwrap();
+    // The plugin's log call comes out in the gateway's log, tagged with plugin and route.
+    let logged = gateway.line_containing("probe p saw GET /hello").await;
+    assert!(
+        logged.contains("plugin=\"probe\"") && logged.contains("route=\"r\""),
+        "{logged}"
+    );
+    gateway.stop().await;
 }
 
 #[test]
@@ -309,56 +287,31 @@ routes:
 #[tokio::test]
 async fn the_operator_log_reports_a_failure_in_full_and_the_client_gets_only_the_id() {
     let upstream = TestUpstream::start("main").await;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = write_manifest(
-        dir.path(),
-        &format!(
-            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  crashy: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fragile, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: crashy, config: {{ mode: panic }} }}] }}\n",
-            upstream.url()
-        ),
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  crashy: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fragile, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: crashy, config: {{ mode: panic }} }}] }}\n",
+        upstream.url()
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
-        .args(["run", "-c"])
-        .arg(&manifest)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
-    let mut log = String::new();
-    let addr: std::net::SocketAddr = loop {
-        let line = next_line(&mut lines).await;
-        if let Some(at) = line.find("addr=") {
-            break line[at + 5..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-        }
-    };
-    let response = wasmgate_tests::send(
-        addr,
-        http::Request::get("/boom")
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
+    let response = gateway
+        .send(
+            http::Request::get("/boom")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await;
     assert_eq!(response.status, http::StatusCode::INTERNAL_SERVER_ERROR);
     let id = response.header("x-request-id").to_string();
     assert_eq!(
         response.text(),
         format!("internal error; request id {id}\n")
     );
-    while !log.contains("plugin failed") {
-        log.push_str(&next_line(&mut lines).await);
-        log.push('\n');
-    }
     // The record names everything the operator needs; the guest backtrace and the panic
-    // message follow it.
+    // message follow it on the lines after.
+    let mut log = gateway.line_containing("plugin failed").await;
+    while !log.contains("misbehave: deliberate panic") {
+        log.push('\n');
+        log.push_str(&gateway.line_containing("").await);
+    }
     for expected in [
         "route=\"fragile\"",
         "plugin=\"crashy\"",
@@ -366,19 +319,8 @@ async fn the_operator_log_reports_a_failure_in_full_and_the_client_gets_only_the
         "kind=\"trap\"",
         &format!("request_id=\"{id}\""),
         "wasm backtrace",
-        "misbehave: deliberate panic",
     ] {
         assert!(log.contains(expected), "missing {expected} in:\n{log}");
     }
-    child.kill().await.unwrap();
-}
-
-async fn next_line(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-) -> String {
-    tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the gateway logs in time")
-        .unwrap()
-        .expect("the gateway is still running")
+    gateway.stop().await;
 }
