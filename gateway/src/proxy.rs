@@ -70,7 +70,13 @@ async fn route_and_forward(
         .insert(X_REQUEST_ID.clone(), request_id.clone());
 
     if route.chain.is_empty() {
-        let upstream_request = upstream_request(route, &parts, streamed(body));
+        let upstream_request = upstream_request(
+            route,
+            &parts.method,
+            &parts.uri,
+            parts.headers,
+            streamed(body),
+        );
         return forward(route, upstream_request).await;
     }
     let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
@@ -139,7 +145,14 @@ async fn run_chain(
                 Some(buffered) => full(buffered),
                 None => streamed(body.take().expect("a streamed body is forwarded once")),
             };
-            let mut upstream_request = upstream_request(route, &exchange.request, upstream_body);
+            let head = &exchange.request;
+            let mut upstream_request = upstream_request(
+                route,
+                &head.method,
+                &head.uri,
+                head.headers.clone(),
+                upstream_body,
+            );
             if exchange.body.is_some() {
                 // A plugin may have replaced the body: let hyper frame the one we send.
                 upstream_request.headers_mut().remove(CONTENT_LENGTH);
@@ -357,14 +370,19 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// Builds the request sent upstream from the request as routed and as plugins left it.
+///
+/// `headers` are taken by value: the fast path (no plugins) moves the client's headers in, while a
+/// chain keeps its request for the response phase and passes a copy.
 fn upstream_request(
     route: &Route,
-    parts: &http::request::Parts,
+    method: &http::Method,
+    client_uri: &Uri,
+    headers: HeaderMap,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
     let target = route.upstream.pick();
-    let path = forwarded_path(route.strip_prefix.as_deref(), parts.uri.path());
-    let path_and_query = match parts.uri.query() {
+    let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
+    let path_and_query = match client_uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path.to_string(),
     };
@@ -376,15 +394,14 @@ fn upstream_request(
         .expect("scheme, checked authority and a path from a parsed URI form a valid URI");
 
     let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
+    *request.method_mut() = method.clone();
     *request.uri_mut() = uri;
     // Upstream connections are HTTP/1.1 whatever the client spoke.
     *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = parts.headers.clone();
+    *request.headers_mut() = headers;
     if !request.headers().contains_key(HOST) {
         // HTTP/2 clients send `:authority`, not `Host`: keep the name the client used.
-        if let Some(value) = parts
-            .uri
+        if let Some(value) = client_uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         {
@@ -409,11 +426,9 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
 /// Sends a request upstream and maps failures to 502 and 504.
 async fn forward(route: &Route, request: Request<ProxyBody>) -> Response<ProxyBody> {
     let upstream = &route.upstream;
-    let target = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    // Kept for the error logs only: an `Authority` clone shares its bytes, no allocation.
+    let target = request.uri().authority().cloned();
+    let target = target.as_ref().map_or("", |a| a.as_str());
     match tokio::time::timeout(route.timeout, upstream.client().request(request)).await {
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
