@@ -34,7 +34,7 @@ const MODES: &[(&str, FailureKind)] = &[
 /// `/open/<mode>` behind a probe, and a clean route.
 fn manifest(upstream: &TestUpstream) -> String {
     let mut text = String::from(
-        "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\nlimits: { plugin_deadline: 20ms, plugin_memory: 8MiB }\nplugins:\n  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  deny: { source: \"{plugins}/deny_plugin.wasm\" }\n  trap-if-asked: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  stash: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  single: { source: \"{plugins}/probe_plugin.wasm\", instances: 1 }\n  host-bound: { source: \"{plugins}/misbehave_plugin.wasm\", host_calls: 100000000 }\n",
+        "version: 1\nlisteners: [{ name: public, bind: \"127.0.0.1:0\" }]\nlimits: { plugin_deadline: 20ms, plugin_memory: 8MiB }\nplugins:\n  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  deny: { source: \"{plugins}/deny_plugin.wasm\" }\n  trap-if-asked: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  stash: { source: \"{plugins}/misbehave_plugin.wasm\" }\n  single: { source: \"{plugins}/probe_plugin.wasm\", instances: 1 }\n  host-bound: { source: \"{plugins}/misbehave_plugin.wasm\", host_calls: 100000000 }\n  big-body: { source: \"{plugins}/misbehave_plugin.wasm\", body: true }\n",
     );
     for (mode, _) in MODES {
         text.push_str(&format!(
@@ -65,6 +65,9 @@ fn manifest(upstream: &TestUpstream) -> String {
     );
     text.push_str(
         "  - { name: single, match: { prefix: /single }, upstream: main, plugins: [{ name: single, config: { tag: one } }] }\n",
+    );
+    text.push_str(
+        "  - { name: big-body, match: { prefix: /big-body }, upstream: main, plugins: [{ name: big-body, config: { mode: big-body } }] }\n",
     );
     text.push_str(
         "  - { name: host-bound, match: { prefix: /host-bound }, upstream: main, plugins: [{ name: host-bound, config: { mode: flood } }] }\n",
@@ -320,4 +323,24 @@ async fn the_deadline_holds_for_a_plugin_that_spends_its_time_in_host_calls() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_cap_is_a_cap_breach() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    let response = gateway
+        .send(
+            Request::post("/big-body")
+                .body(Full::new(bytes::Bytes::from_static(b"small")))
+                .unwrap(),
+        )
+        .await;
+    assert_bare_failure(
+        &response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "2 MiB body over a 1 MiB cap",
+    );
+    assert_eq!(gateway.failures("big-body", FailureKind::Cap), 1);
+    assert!(upstream.seen().is_empty());
 }
