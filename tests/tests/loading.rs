@@ -18,6 +18,19 @@ fn cli(args: &[&str], manifest: &Path) -> Output {
         .expect("running wasmgate")
 }
 
+/// A manifest with one plugin (name, file stem) and one route through it that takes every path.
+fn one_plugin_manifest(
+    upstream: &TestUpstream,
+    (plugin, stem): (&str, &str),
+    route: &str,
+    config: &str,
+) -> String {
+    format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  {plugin}: {{ source: \"{{plugins}}/{stem}.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: {route}, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: {plugin}, config: {config} }}] }}\n",
+        upstream.url()
+    )
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -173,10 +186,7 @@ fn check_accepts_the_bundled_example() {
 #[tokio::test]
 async fn run_serves_and_logs_where_it_listens() {
     let upstream = TestUpstream::start("main").await;
-    let manifest = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: p }} }}] }}\n",
-        upstream.url()
-    );
+    let manifest = one_plugin_manifest(&upstream, ("probe", "probe_plugin"), "r", "{ tag: p }");
     // `start` finds the listening address in the log, or fails.
     let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
     let response = gateway
@@ -287,9 +297,11 @@ routes:
 #[tokio::test]
 async fn the_operator_log_reports_a_failure_in_full_and_the_client_gets_only_the_id() {
     let upstream = TestUpstream::start("main").await;
-    let manifest = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  crashy: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fragile, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: crashy, config: {{ mode: panic }} }}] }}\n",
-        upstream.url()
+    let manifest = one_plugin_manifest(
+        &upstream,
+        ("crashy", "misbehave_plugin"),
+        "fragile",
+        "{ mode: panic }",
     );
     let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
     let response = gateway
