@@ -1,4 +1,4 @@
-//! The body type the proxy moves around.
+//! The body types the proxy moves around.
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -17,4 +17,87 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// A streamed body.
 pub fn streamed(incoming: Incoming) -> ProxyBody {
     Either::Left(incoming)
+}
+
+/// What to run once a response body has ended: the bytes sent, and whether it ended normally.
+pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
+
+/// The body of a response to a client: a [`ProxyBody`] that counts what it sends and, when asked,
+/// runs a callback once it has ended, normally, with an error, or by being dropped (the client
+/// went away). The callback serves the plugins' completion phase; without one, the body only
+/// forwards frames.
+pub struct ResponseBody {
+    inner: ProxyBody,
+    sent: u64,
+    on_end: Option<OnEnd>,
+}
+
+impl ResponseBody {
+    /// A body that runs `on_end` when it has ended.
+    pub fn with_on_end(inner: ProxyBody, on_end: OnEnd) -> Self {
+        ResponseBody {
+            inner,
+            sent: 0,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn end(&mut self, completed: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(self.sent, completed);
+        }
+    }
+}
+
+impl From<ProxyBody> for ResponseBody {
+    fn from(inner: ProxyBody) -> Self {
+        ResponseBody {
+            inner,
+            sent: 0,
+            on_end: None,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        // Every field is `Unpin`, so the body can be used through a plain `&mut`.
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Ready(None) => this.end(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may drop a body it knows is complete (`is_end_stream`) without polling it to
+        // the end; anything else dropped early was cut short.
+        let completed = http_body::Body::is_end_stream(&self.inner);
+        self.end(completed);
+    }
 }

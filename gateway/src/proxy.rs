@@ -24,11 +24,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{ProxyBody, full, streamed};
+use crate::body::{OnEnd, ProxyBody, ResponseBody, full, streamed};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
-use crate::runtime::{Decision, Exchange, FailureKind, PluginError, PluginInstance};
+use crate::runtime::{Decision, Exchange, FailureKind, LoadedPlugin, PluginError, PluginInstance};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 
 /// Answers one client request with the given snapshot.
@@ -36,7 +36,7 @@ pub async fn handle(
     snapshot: Arc<Snapshot>,
     request: Request<Incoming>,
     client_addr: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let request_id = request_id::for_request(request.headers());
     let mut response = route_and_forward(&snapshot, request, client_addr, &request_id).await;
     response
@@ -50,15 +50,16 @@ async fn route_and_forward(
     request: Request<Incoming>,
     client_addr: SocketAddr,
     request_id: &HeaderValue,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let received = Instant::now();
     let host = request_host(&request);
     let route = match snapshot.route(host, request.uri().path(), request.method()) {
         Ok(route) => route,
         Err(RouteMatch::MethodNotAllowed) => {
-            return gateway_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            return gateway_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                .map(Into::into);
         }
-        Err(_) => return gateway_error(StatusCode::NOT_FOUND, "no route"),
+        Err(_) => return gateway_error(StatusCode::NOT_FOUND, "no route").map(Into::into),
     };
 
     let (mut parts, body) = request.into_parts();
@@ -77,7 +78,7 @@ async fn route_and_forward(
             parts.headers,
             streamed(body),
         );
-        return forward(route, upstream_request).await;
+        return forward(route, upstream_request).await.map(Into::into);
     }
     let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
     run_chain(route, snapshot.max_body, Box::new(exchange), body, received).await
@@ -89,13 +90,13 @@ async fn run_chain(
     mut exchange: Box<Exchange>,
     body: Incoming,
     received: Instant,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let mut body = Some(body);
     if route.buffer_body {
         let incoming = body.take().expect("body not taken yet");
         match buffer_body(&exchange.request.headers, incoming, max_body).await {
             Ok(bytes) => exchange.body = Some(bytes),
-            Err(response) => return response,
+            Err(response) => return response.map(Into::into),
         }
     }
 
@@ -169,16 +170,20 @@ async fn run_chain(
         .properties
         .insert(DURATION_MS.into(), millis(received.elapsed()));
 
-    // Response phase, in reverse chain order.
+    // Response phase, in reverse chain order. The plugins that ran it and asked for the
+    // completion phase are kept, in that order, for when the body has been sent.
     let (parts, mut response_body) = response.into_parts();
     exchange.response = Some(parts);
-    for (link, instance) in ran.iter_mut().rev() {
+    let mut completing = Vec::new();
+    for (link, mut instance) in ran.into_iter().rev() {
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let (returned, outcome) = instance.on_response(exchange).await;
         exchange = returned;
-        if let Err(err) = outcome {
-            match on_failure(route, link, &exchange, &err) {
+        match outcome {
+            Ok(()) if instance.wants_complete() => completing.push((link.plugin.clone(), instance)),
+            Ok(()) => {}
+            Err(err) => match on_failure(route, link, &exchange, &err) {
                 Some(replacement) => {
                     // The upstream's body is dropped with its response head.
                     let (parts, body) = replacement.into_parts();
@@ -191,15 +196,69 @@ async fn run_chain(
                         saved.restore(&mut exchange);
                     }
                 }
-            }
+            },
         }
     }
     let parts = exchange
         .response
         .take()
         .expect("the response stays in the exchange");
-    Response::from_parts(parts, response_body)
+    if completing.is_empty() {
+        return Response::from_parts(parts, response_body.into());
+    }
+    // The head goes to the client; the completion phase reads a copy.
+    let mut copy = Response::new(()).into_parts().0;
+    copy.status = parts.status;
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    exchange.response = Some(copy);
+    let route_name = route.name.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let on_end: OnEnd = Box::new(move |sent, completed| {
+        runtime.spawn(complete(route_name, exchange, completing, sent, completed));
+    });
+    Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
 }
+
+/// The completion phase, run once the response body has ended.
+async fn complete(
+    route: Arc<str>,
+    mut exchange: Box<Exchange>,
+    instances: Vec<(Arc<LoadedPlugin>, PluginInstance)>,
+    sent: u64,
+    completed: bool,
+) {
+    exchange
+        .properties
+        .insert(BYTES_OUT.into(), sent.to_string());
+    exchange
+        .properties
+        .insert(COMPLETED.into(), completed.to_string());
+    for (plugin, mut instance) in instances {
+        let (returned, outcome) = instance.on_complete(exchange).await;
+        exchange = returned;
+        if let Err(err) = outcome {
+            plugin.failures().record(err.kind);
+            let (phase, kind, detail) =
+                (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
+            tracing::warn!(
+                route = &*route,
+                plugin = plugin.name(),
+                phase,
+                kind,
+                request_id = exchange.request_id(),
+                detail,
+                "plugin failed after the response was sent"
+            );
+        }
+    }
+}
+
+/// Property set by the gateway for the completion phase: body bytes sent to the client.
+pub const BYTES_OUT: &str = "wasmgate.bytes_out";
+
+/// Property set by the gateway for the completion phase: `true` when the body ended normally.
+pub const COMPLETED: &str = "wasmgate.completed";
 
 /// Property set by the gateway for the response phase: milliseconds from the request's arrival to
 /// its response head.

@@ -75,7 +75,7 @@ pub mod __private {
 
     pub use self::exports::wasmgate::plugin::handler::Guest;
     pub use self::wasmgate::plugin::types::{Action as WitAction, PluginInfo};
-    pub use crate::glue::{configure, on_request, on_response};
+    pub use crate::glue::{configure, on_complete, on_request, on_response};
 }
 
 use __private::wasmgate::plugin as wit;
@@ -94,6 +94,10 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// Whether the plugin decides who may pass (authentication or authorisation). The gateway's
     /// `check` warns when such a plugin is configured to fail open.
     const AUTH: bool = false;
+
+    /// Whether the plugin implements [`Plugin::on_complete`]. The gateway keeps the instance until
+    /// the response body has been sent only for plugins that set this.
+    const ON_COMPLETE: bool = false;
 
     /// Builds the plugin from its configuration.
     ///
@@ -117,6 +121,14 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// upstream, from a later plugin's [`Action::Respond`], or from the gateway (a 502 or 504).
     /// The default leaves the response unchanged.
     fn on_response(&self, request: &Request, response: &mut Response) {
+        let _ = (request, response);
+    }
+
+    /// The completion phase, in reverse chain order, after the response body has been sent (or
+    /// the exchange ended early). Runs only when [`Plugin::ON_COMPLETE`] is `true`. Request and
+    /// response are read-only; the properties `wasmgate.bytes_out` and `wasmgate.completed` tell
+    /// how it went. The default does nothing.
+    fn on_complete(&self, request: &Request, response: &Response) {
         let _ = (request, response);
     }
 }
@@ -425,6 +437,10 @@ macro_rules! export_plugin {
                 fn on_response() {
                     $crate::__private::on_response::<$plugin>(&INSTANCE)
                 }
+
+                fn on_complete() {
+                    $crate::__private::on_complete::<$plugin>(&INSTANCE)
+                }
             }
 
             // Exported only in the component: host builds (the plugin's unit tests) have no use
@@ -452,7 +468,10 @@ mod glue {
         // A second `configure` on the same instance keeps the first plugin: the gateway never
         // does this, and replacing state under a running instance would be surprising.
         let _ = slot.set(plugin);
-        Ok(__private::PluginInfo { auth: P::AUTH })
+        Ok(__private::PluginInfo {
+            auth: P::AUTH,
+            on_complete: P::ON_COMPLETE,
+        })
     }
 
     /// `handler.on-request`: runs [`Plugin::on_request`].
@@ -475,6 +494,13 @@ mod glue {
         let request = Request { _private: () };
         let mut response = Response { _private: () };
         configured(slot).on_response(&request, &mut response);
+    }
+
+    /// `handler.on-complete`: runs [`Plugin::on_complete`].
+    pub fn on_complete<P: Plugin>(slot: &OnceLock<P>) {
+        let request = Request { _private: () };
+        let response = Response { _private: () };
+        configured(slot).on_complete(&request, &response);
     }
 
     fn configured<P>(slot: &OnceLock<P>) -> &P {

@@ -61,6 +61,14 @@ routes:
     plugins:
       - name: api-key
         config: {{ keys: [{{ consumer: alice, sha256: "{alice}" }}], query: api_key }}
+  - name: streamed
+    match: {{ path: /stream-echo }}
+    upstream: main
+    plugins: [{{ name: access-log }}]
+  - name: big
+    match: {{ prefix: /bytes }}
+    upstream: main
+    plugins: [{{ name: access-log }}]
   - name: web
     match: {{ prefix: /web }}
     upstream: main
@@ -322,4 +330,61 @@ async fn cors_answers_preflights_and_decorates_allowed_origins_only() {
             .keys()
             .all(|n| !n.as_str().starts_with("access-control"))
     );
+}
+
+#[tokio::test]
+async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
+    let upstream = TestUpstream::start("main").await;
+    let mut gateway = CliGateway::start(
+        env!("CARGO_BIN_EXE_wasmgate-cli"),
+        &manifest(&upstream),
+        &[],
+    )
+    .await;
+
+    // A streamed answer has no content-length: the count comes from the body as it was sent.
+    let body = "a body that is echoed back in chunks";
+    let response = gateway
+        .send(
+            Request::post("/stream-echo")
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("content-length"), "");
+    assert_eq!(response.text(), body);
+    let entry = access_entry(&gateway.line_containing("\"route\":\"streamed\"").await);
+    assert_eq!(entry["bytes_out"], body.len());
+    assert_eq!(entry["bytes_in"], body.len());
+    assert_eq!(entry["completed"], true);
+
+    // A client that goes away after the first bytes of 32 MiB.
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get(format!("/bytes/{}", 32 << 20))
+                .body(Full::<bytes::Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut download = response.into_body();
+    let first = http_body_util::BodyExt::frame(&mut download)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    drop(download);
+    drop(sender);
+    connection.abort();
+    let entry = access_entry(&gateway.line_containing("\"route\":\"big\"").await);
+    assert_eq!(entry["completed"], false, "{entry}");
+    assert!(entry["bytes_out"].as_u64().unwrap() < 32 << 20, "{entry}");
+    gateway.stop().await;
 }

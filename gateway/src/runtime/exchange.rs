@@ -16,6 +16,8 @@ pub enum Phase {
     Request,
     /// `handler.on-response`.
     Response,
+    /// `handler.on-complete`.
+    Complete,
 }
 
 impl Phase {
@@ -25,6 +27,7 @@ impl Phase {
             Phase::Configure => "configure",
             Phase::Request => "request",
             Phase::Response => "response",
+            Phase::Complete => "complete",
         }
     }
 }

@@ -71,6 +71,17 @@ impl PluginState {
         self.exchange().map(Ok)
     }
 
+    /// Refuses a response edit outside the response phase (the completion phase reads only).
+    fn response_for_edit(&mut self) -> Result<Result<(), String>> {
+        if self.phase != Phase::Response {
+            self.enter()?;
+            return Ok(Err(
+                "the response can only be changed in the response phase".into(),
+            ));
+        }
+        Ok(Ok(()))
+    }
+
     fn response_parts(&mut self) -> Result<&mut http::response::Parts> {
         self.exchange()?.response.as_mut().ok_or_else(|| {
             wasmtime::format_err!("the response is only available in the response phase")
@@ -261,6 +272,9 @@ impl response::Host for PluginState {
     }
 
     fn set_status(&mut self, status: u16) -> Result<Result<(), String>> {
+        if let Err(refused) = self.response_for_edit()? {
+            return Ok(Err(refused));
+        }
         let Ok(status) = StatusCode::from_u16(status) else {
             return Err(self.fail(
                 FailureKind::Contract,
@@ -284,16 +298,25 @@ impl response::Host for PluginState {
     }
 
     fn set_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
+        if let Err(refused) = self.response_for_edit()? {
+            return Ok(Err(refused));
+        }
         self.edit_headers(false, &name, Some((&value, Edit::Set)))
             .map(Ok)
     }
 
     fn add_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {
+        if let Err(refused) = self.response_for_edit()? {
+            return Ok(Err(refused));
+        }
         self.edit_headers(false, &name, Some((&value, Edit::Add)))
             .map(Ok)
     }
 
     fn remove_header(&mut self, name: String) -> Result<Result<(), String>> {
+        if let Err(refused) = self.response_for_edit()? {
+            return Ok(Err(refused));
+        }
         self.edit_headers(false, &name, None).map(Ok)
     }
 }

@@ -273,6 +273,7 @@ impl LoadedPlugin {
             world,
             poisoned: false,
             auth: false,
+            wants_complete: false,
             _slot: slot,
         };
         instance.begin(Phase::Configure)?;
@@ -284,6 +285,7 @@ impl LoadedPlugin {
         match instance.finish(Phase::Configure, outcome)? {
             Ok(info) => {
                 instance.auth = info.auth;
+                instance.wants_complete = info.on_complete;
                 Ok(instance)
             }
             Err(message) => Err(PluginError {
@@ -358,6 +360,7 @@ pub struct PluginInstance {
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
     auth: bool,
+    wants_complete: bool,
     _slot: InstanceSlot,
 }
 
@@ -379,6 +382,11 @@ impl PluginInstance {
     /// Whether the plugin said, when configured, that it decides who may pass.
     pub fn is_auth(&self) -> bool {
         self.auth
+    }
+
+    /// Whether the plugin asked for the completion phase, and can still run it.
+    pub fn wants_complete(&self) -> bool {
+        self.wants_complete && !self.poisoned
     }
 
     /// Runs the request phase. The exchange comes back whatever happened.
@@ -422,6 +430,26 @@ impl PluginInstance {
                     .call_on_response(&mut self.store)
                     .await;
                 self.finish(Phase::Response, outcome)
+            }
+            Err(err) => Err(err),
+        };
+        (self.take_exchange(), outcome)
+    }
+
+    /// Runs the completion phase. The exchange comes back whatever happened.
+    pub async fn on_complete(
+        &mut self,
+        exchange: Box<Exchange>,
+    ) -> (Box<Exchange>, Result<(), PluginError>) {
+        self.store.data_mut().exchange = Some(exchange);
+        let outcome = match self.begin(Phase::Complete) {
+            Ok(()) => {
+                let outcome = self
+                    .world
+                    .wasmgate_plugin_handler()
+                    .call_on_complete(&mut self.store)
+                    .await;
+                self.finish(Phase::Complete, outcome)
             }
             Err(err) => Err(err),
         };

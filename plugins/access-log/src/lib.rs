@@ -11,10 +11,12 @@
 //!
 //! Fields: `time` (RFC 3339, UTC), `request_id`, `route`, `method`, `path`, `query`, `status`,
 //! `duration_ms` (arrival to response head), `upstream_ms` (absent when the upstream was not
-//! called), `client`, `subject` (from jwt-auth), `consumer` (from api-key), `bytes_in` and
-//! `bytes_out` (the `content-length`s, when known). `authorization`, `cookie` and `set-cookie`
-//! are always redacted, whatever the configuration says. Control characters in values are
-//! escaped by the JSON encoding.
+//! called), `client`, `subject` (from jwt-auth), `consumer` (from api-key), `bytes_in` (the
+//! request's `content-length`, when it has one), `bytes_out` (body bytes actually sent) and
+//! `completed` (`false` when the client went away or the body was cut short). The line is written
+//! in the completion phase, once the response body has been sent. `authorization`, `cookie` and
+//! `set-cookie` are always redacted, whatever the configuration says. Control characters in values
+//! are escaped by the JSON encoding.
 
 use std::collections::BTreeSet;
 
@@ -23,7 +25,7 @@ use serde_json::Value;
 use wasmgate_plugin_sdk::{Plugin, Request, Response, export_plugin, log, properties};
 
 /// Every field, in output order.
-pub const FIELDS: [&str; 15] = [
+pub const FIELDS: [&str; 16] = [
     "time",
     "request_id",
     "route",
@@ -38,6 +40,7 @@ pub const FIELDS: [&str; 15] = [
     "consumer",
     "bytes_in",
     "bytes_out",
+    "completed",
     "headers",
 ];
 
@@ -189,6 +192,7 @@ fn number(text: Option<String>) -> Option<Value> {
 
 impl Plugin for AccessLog {
     type Config = Config;
+    const ON_COMPLETE: bool = true;
 
     fn new(config: Config) -> Result<Self, String> {
         let fields = match &config.fields {
@@ -222,7 +226,7 @@ impl Plugin for AccessLog {
         })
     }
 
-    fn on_response(&self, request: &Request, response: &mut Response) {
+    fn on_complete(&self, request: &Request, response: &Response) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -255,7 +259,11 @@ impl Plugin for AccessLog {
         put("subject", properties::get("subject").map(Value::String));
         put("consumer", properties::get("consumer").map(Value::String));
         put("bytes_in", number(request.header("content-length")));
-        put("bytes_out", number(response.header("content-length")));
+        put("bytes_out", number(properties::get("wasmgate.bytes_out")));
+        put(
+            "completed",
+            properties::get("wasmgate.completed").map(|done| Value::Bool(done == "true")),
+        );
         let headers = if self.wants("headers") {
             self.headers
                 .iter()
