@@ -1,5 +1,8 @@
 //! The body types the proxy moves around.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -99,5 +102,58 @@ impl Drop for ResponseBody {
         // the end; anything else dropped early was cut short.
         let completed = http_body::Body::is_end_stream(&self.inner);
         self.end(completed);
+    }
+}
+
+/// A request body on its way upstream. With a counter attached, it adds the data bytes it sends to
+/// it, for the completion phase's `wasmgate.bytes_in`.
+pub struct UpstreamBody {
+    inner: ProxyBody,
+    counter: Option<Arc<AtomicU64>>,
+}
+
+impl UpstreamBody {
+    /// A body that counts what it sends into `counter`.
+    pub fn counted(inner: ProxyBody, counter: Arc<AtomicU64>) -> Self {
+        UpstreamBody {
+            inner,
+            counter: Some(counter),
+        }
+    }
+}
+
+impl From<ProxyBody> for UpstreamBody {
+    fn from(inner: ProxyBody) -> Self {
+        UpstreamBody {
+            inner,
+            counter: None,
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let (std::task::Poll::Ready(Some(Ok(frame))), Some(counter)) = (&polled, &this.counter)
+            && let Some(data) = frame.data_ref()
+        {
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{OnEnd, ProxyBody, ResponseBody, full, streamed};
+use crate::body::{OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
@@ -76,7 +77,7 @@ async fn route_and_forward(
             &parts.method,
             &parts.uri,
             parts.headers,
-            streamed(body),
+            streamed(body).into(),
         );
         return forward(route, upstream_request).await.map(Into::into);
     }
@@ -102,6 +103,8 @@ async fn run_chain(
 
     // Request phase. `ran` keeps the instances whose request phase continued: they, and only
     // they, get a response phase.
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut forwarded = false;
     let mut ran: Vec<(&ChainLink, PluginInstance)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
@@ -146,6 +149,13 @@ async fn run_chain(
                 Some(buffered) => full(buffered),
                 None => streamed(body.take().expect("a streamed body is forwarded once")),
             };
+            // Counted only for a completion phase to report.
+            let upstream_body = if ran.iter().any(|(_, instance)| instance.wants_complete()) {
+                UpstreamBody::counted(upstream_body, bytes_in.clone())
+            } else {
+                upstream_body.into()
+            };
+            forwarded = true;
             let head = &exchange.request;
             let mut upstream_request = upstream_request(
                 route,
@@ -215,9 +225,22 @@ async fn run_chain(
     let route_name = route.name.clone();
     let runtime = tokio::runtime::Handle::current();
     let on_end: OnEnd = Box::new(move |sent, completed| {
-        runtime.spawn(complete(route_name, exchange, completing, sent, completed));
+        let bytes = BodyBytes {
+            // Only what reached the upstream was read from the client.
+            received: forwarded.then(|| bytes_in.load(Ordering::Relaxed)),
+            sent,
+        };
+        runtime.spawn(complete(route_name, exchange, completing, bytes, completed));
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
+}
+
+/// Body bytes of one exchange.
+struct BodyBytes {
+    /// Read from the client and sent upstream, when the upstream was called.
+    received: Option<u64>,
+    /// Sent to the client.
+    sent: u64,
 }
 
 /// The completion phase, run once the response body has ended.
@@ -225,12 +248,17 @@ async fn complete(
     route: Arc<str>,
     mut exchange: Box<Exchange>,
     instances: Vec<(Arc<LoadedPlugin>, PluginInstance)>,
-    sent: u64,
+    bytes: BodyBytes,
     completed: bool,
 ) {
+    if let Some(received) = bytes.received {
+        exchange
+            .properties
+            .insert(BYTES_IN.into(), received.to_string());
+    }
     exchange
         .properties
-        .insert(BYTES_OUT.into(), sent.to_string());
+        .insert(BYTES_OUT.into(), bytes.sent.to_string());
     exchange
         .properties
         .insert(COMPLETED.into(), completed.to_string());
@@ -253,6 +281,10 @@ async fn complete(
         }
     }
 }
+
+/// Property set by the gateway for the completion phase, when the upstream was called: request
+/// body bytes read from the client and sent upstream.
+pub const BYTES_IN: &str = "wasmgate.bytes_in";
 
 /// Property set by the gateway for the completion phase: body bytes sent to the client.
 pub const BYTES_OUT: &str = "wasmgate.bytes_out";
@@ -437,8 +469,8 @@ fn upstream_request(
     method: &http::Method,
     client_uri: &Uri,
     headers: HeaderMap,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
     let target = route.upstream.pick();
     let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
     let path_and_query = match client_uri.query() {
@@ -483,7 +515,7 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
 }
 
 /// Sends a request upstream and maps failures to 502 and 504.
-async fn forward(route: &Route, request: Request<ProxyBody>) -> Response<ProxyBody> {
+async fn forward(route: &Route, request: Request<UpstreamBody>) -> Response<ProxyBody> {
     let upstream = &route.upstream;
     // Kept for the error logs only: an `Authority` clone shares its bytes, no allocation.
     let target = request.uri().authority().cloned();

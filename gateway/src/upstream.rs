@@ -8,7 +8,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::ProxyBody;
+use crate::body::UpstreamBody;
 use crate::manifest::UpstreamSpec;
 
 /// Parses a target URL: `http://host:port`, with no path, query or credentials.
@@ -47,7 +47,7 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Longest wait for the response head.
     pub timeout: Duration,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<HttpConnector, UpstreamBody>,
 }
 
 impl Upstream {
@@ -81,7 +81,7 @@ impl Upstream {
     }
 
     /// The pooled client.
-    pub fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+    pub fn client(&self) -> &Client<HttpConnector, UpstreamBody> {
         &self.client
     }
 }

@@ -359,6 +359,30 @@ async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
     assert_eq!(entry["bytes_in"], body.len());
     assert_eq!(entry["completed"], true);
 
+    // An upload without content-length is counted as it streams through.
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let (mut chunks, upload) = http_body_util::channel::Channel::<bytes::Bytes>::new(2);
+    let response = sender.send_request(Request::post("/stream-echo").body(upload).unwrap());
+    let feed = async move {
+        for chunk in ["first,", "second,", "third"] {
+            chunks.send_data(bytes::Bytes::from(chunk)).await.unwrap();
+        }
+    };
+    let (response, ()) = tokio::join!(response, feed);
+    let echoed = http_body_util::BodyExt::collect(response.unwrap().into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&echoed[..], b"first,second,third");
+    let entry = access_entry(&gateway.line_containing("\"route\":\"streamed\"").await);
+    assert_eq!(entry["bytes_in"], 18, "{entry}");
+    assert_eq!(entry["bytes_out"], 18, "{entry}");
+
     // A client that goes away after the first bytes of 32 MiB.
     let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     let (mut sender, connection) =

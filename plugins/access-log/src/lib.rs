@@ -11,8 +11,9 @@
 //!
 //! Fields: `time` (RFC 3339, UTC), `request_id`, `route`, `method`, `path`, `query`, `status`,
 //! `duration_ms` (arrival to response head), `upstream_ms` (absent when the upstream was not
-//! called), `client`, `subject` (from jwt-auth), `consumer` (from api-key), `bytes_in` (the
-//! request's `content-length`, when it has one), `bytes_out` (body bytes actually sent) and
+//! called), `client`, `subject` (from jwt-auth), `consumer` (from api-key), `bytes_in` (request
+//! body bytes forwarded upstream; the `content-length` when the upstream was not called),
+//! `bytes_out` (body bytes actually sent) and
 //! `completed` (`false` when the client went away or the body was cut short). The line is written
 //! in the completion phase, once the response body has been sent. `authorization`, `cookie` and
 //! `set-cookie` are always redacted, whatever the configuration says. Control characters in values
@@ -258,7 +259,9 @@ impl Plugin for AccessLog {
         put("client", Some(Value::String(request.client_addr())));
         put("subject", properties::get("subject").map(Value::String));
         put("consumer", properties::get("consumer").map(Value::String));
-        put("bytes_in", number(request.header("content-length")));
+        let bytes_in =
+            properties::get("wasmgate.bytes_in").or_else(|| request.header("content-length"));
+        put("bytes_in", number(bytes_in));
         put("bytes_out", number(properties::get("wasmgate.bytes_out")));
         put(
             "completed",
