@@ -554,6 +554,25 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_jwks_object_selects_keys_by_kid() {
+        let k = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYtdGVzdC1zZWNyZXQ"; // base64url(SECRET)
+        let config = serde_json::json!({
+            "algorithms": ["HS256"],
+            "jwks": { "keys": [{ "kty": "oct", "kid": "inline-1", "alg": "HS256", "k": k }] },
+        });
+        let v = Verifier::new(serde_json::from_value(config).unwrap()).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("inline-1".into());
+        let claims = serde_json::json!({ "exp": now() + 60 });
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        assert!(v.verify(&token).is_ok());
+        header.kid = Some("inline-2".into());
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        assert_eq!(v.verify(&token), Err(Refusal::InvalidToken("unknown kid")));
+    }
+
+    #[test]
     fn valid_tokens_pass_and_claims_come_back() {
         let v = verifier(serde_json::json!({})).unwrap();
         let claims = v
