@@ -103,8 +103,8 @@ async fn run_chain(
 
     // Request phase. `ran` keeps the instances whose request phase continued: they, and only
     // they, get a response phase.
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let mut forwarded = false;
+    // Counts the request body bytes forwarded upstream, only for a completion phase to report.
+    let mut bytes_in: Option<Arc<AtomicU64>> = None;
     let mut ran: Vec<(&ChainLink, PluginInstance)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
@@ -149,13 +149,13 @@ async fn run_chain(
                 Some(buffered) => full(buffered),
                 None => streamed(body.take().expect("a streamed body is forwarded once")),
             };
-            // Counted only for a completion phase to report.
             let upstream_body = if ran.iter().any(|(_, instance)| instance.wants_complete()) {
-                UpstreamBody::counted(upstream_body, bytes_in.clone())
+                let counter = Arc::new(AtomicU64::new(0));
+                bytes_in = Some(counter.clone());
+                UpstreamBody::counted(upstream_body, counter)
             } else {
                 upstream_body.into()
             };
-            forwarded = true;
             let head = &exchange.request;
             let mut upstream_request = upstream_request(
                 route,
@@ -227,7 +227,7 @@ async fn run_chain(
     let on_end: OnEnd = Box::new(move |sent, completed| {
         let bytes = BodyBytes {
             // Only what reached the upstream was read from the client.
-            received: forwarded.then(|| bytes_in.load(Ordering::Relaxed)),
+            received: bytes_in.map(|counter| counter.load(Ordering::Relaxed)),
             sent,
         };
         runtime.spawn(complete(route_name, exchange, completing, bytes, completed));
