@@ -22,27 +22,39 @@ pub fn streamed(incoming: Incoming) -> ProxyBody {
     Either::Left(incoming)
 }
 
-/// What to run once a response body has ended: the bytes sent, and whether it ended normally.
+/// What to run once a body has ended: the bytes it sent, and whether it ended normally.
 pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
 
-/// The body of a response to a client: a [`ProxyBody`] that counts what it sends and, when asked,
-/// runs a callback once it has ended, normally, with an error, or by being dropped (the client
-/// went away). The callback serves the plugins' completion phase; without one, the body only
-/// forwards frames.
-pub struct ResponseBody {
+/// A [`ProxyBody`] that counts the data bytes it sends and, when asked, adds them to a shared
+/// counter or runs a callback once it has ended (normally, with an error, or by being dropped
+/// before its end, as when the client goes away). Without either it only forwards frames. It
+/// serves the plugins' completion phase, which reports those counts.
+pub struct TrackedBody {
     inner: ProxyBody,
     sent: u64,
+    counter: Option<Arc<AtomicU64>>,
     on_end: Option<OnEnd>,
 }
 
-impl ResponseBody {
+/// The body of a response to a client.
+pub type ResponseBody = TrackedBody;
+
+/// The body of a request on its way upstream.
+pub type UpstreamBody = TrackedBody;
+
+impl TrackedBody {
     /// A body that runs `on_end` when it has ended.
     pub fn with_on_end(inner: ProxyBody, on_end: OnEnd) -> Self {
-        ResponseBody {
-            inner,
-            sent: 0,
-            on_end: Some(on_end),
-        }
+        let mut body = TrackedBody::from(inner);
+        body.on_end = Some(on_end);
+        body
+    }
+
+    /// A body that adds the bytes it sends to `counter`.
+    pub fn counted(inner: ProxyBody, counter: Arc<AtomicU64>) -> Self {
+        let mut body = TrackedBody::from(inner);
+        body.counter = Some(counter);
+        body
     }
 
     fn end(&mut self, completed: bool) {
@@ -52,17 +64,18 @@ impl ResponseBody {
     }
 }
 
-impl From<ProxyBody> for ResponseBody {
+impl From<ProxyBody> for TrackedBody {
     fn from(inner: ProxyBody) -> Self {
-        ResponseBody {
+        TrackedBody {
             inner,
             sent: 0,
+            counter: None,
             on_end: None,
         }
     }
 }
 
-impl http_body::Body for ResponseBody {
+impl http_body::Body for TrackedBody {
     type Data = Bytes;
     type Error = <ProxyBody as http_body::Body>::Error;
 
@@ -78,6 +91,9 @@ impl http_body::Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
+                    if let Some(counter) = &this.counter {
+                        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => this.end(false),
@@ -96,64 +112,11 @@ impl http_body::Body for ResponseBody {
     }
 }
 
-impl Drop for ResponseBody {
+impl Drop for TrackedBody {
     fn drop(&mut self) {
         // hyper may drop a body it knows is complete (`is_end_stream`) without polling it to
         // the end; anything else dropped early was cut short.
         let completed = http_body::Body::is_end_stream(&self.inner);
         self.end(completed);
-    }
-}
-
-/// A request body on its way upstream. With a counter attached, it adds the data bytes it sends to
-/// it, for the completion phase's `wasmgate.bytes_in`.
-pub struct UpstreamBody {
-    inner: ProxyBody,
-    counter: Option<Arc<AtomicU64>>,
-}
-
-impl UpstreamBody {
-    /// A body that counts what it sends into `counter`.
-    pub fn counted(inner: ProxyBody, counter: Arc<AtomicU64>) -> Self {
-        UpstreamBody {
-            inner,
-            counter: Some(counter),
-        }
-    }
-}
-
-impl From<ProxyBody> for UpstreamBody {
-    fn from(inner: ProxyBody) -> Self {
-        UpstreamBody {
-            inner,
-            counter: None,
-        }
-    }
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = <ProxyBody as http_body::Body>::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let (std::task::Poll::Ready(Some(Ok(frame))), Some(counter)) = (&polled, &this.counter)
-            && let Some(data) = frame.data_ref()
-        {
-            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

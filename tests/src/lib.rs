@@ -472,3 +472,25 @@ impl CliGateway {
         let _ = self.child.kill().await;
     }
 }
+
+/// A raw HTTP/1.1 connection to `addr`, for tests that stream bodies frame by frame. The
+/// connection runs in the returned task; aborting it closes the socket.
+pub async fn http1_connection<B>(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http1::SendRequest<B>, JoinHandle<()>)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("an HTTP/1.1 handshake");
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, task)
+}

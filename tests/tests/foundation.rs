@@ -6,7 +6,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use wasmgate_tests::{TestGateway, TestUpstream, pattern, send_h2};
 
 const HEAD: &str = r#"
@@ -430,11 +429,7 @@ async fn bodies_stream_both_ways_without_being_buffered() {
       - { name: probe, config: { tag: p } }
 "#;
     let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = wasmgate_tests::http1_connection(gateway.addr).await;
     let (mut chunks, body) = http_body_util::channel::Channel::<Bytes>::new(1);
     let request = Request::post("/stream-echo")
         .header("host", "x.test")

@@ -360,12 +360,7 @@ async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
     assert_eq!(entry["completed"], true);
 
     // An upload without content-length is counted as it streams through.
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = wasmgate_tests::http1_connection(gateway.addr).await;
     let (mut chunks, upload) = http_body_util::channel::Channel::<bytes::Bytes>::new(2);
     let response = sender.send_request(Request::post("/stream-echo").body(upload).unwrap());
     let feed = async move {
@@ -384,12 +379,7 @@ async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
     assert_eq!(entry["bytes_out"], 18, "{entry}");
 
     // A client that goes away after the first bytes of 32 MiB.
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = wasmgate_tests::http1_connection(gateway.addr).await;
     let response = sender
         .send_request(
             Request::get(format!("/bytes/{}", 32 << 20))
