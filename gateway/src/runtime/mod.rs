@@ -421,19 +421,7 @@ impl PluginInstance {
         &mut self,
         exchange: Box<Exchange>,
     ) -> (Box<Exchange>, Result<(), PluginError>) {
-        self.store.data_mut().exchange = Some(exchange);
-        let outcome = match self.begin(Phase::Response) {
-            Ok(()) => {
-                let outcome = self
-                    .world
-                    .wasmgate_plugin_handler()
-                    .call_on_response(&mut self.store)
-                    .await;
-                self.finish(Phase::Response, outcome)
-            }
-            Err(err) => Err(err),
-        };
-        (self.take_exchange(), outcome)
+        self.late_phase(exchange, Phase::Response).await
     }
 
     /// Runs the completion phase. The exchange comes back whatever happened.
@@ -441,15 +429,24 @@ impl PluginInstance {
         &mut self,
         exchange: Box<Exchange>,
     ) -> (Box<Exchange>, Result<(), PluginError>) {
+        self.late_phase(exchange, Phase::Complete).await
+    }
+
+    /// The response or completion phase: the calls that return nothing.
+    async fn late_phase(
+        &mut self,
+        exchange: Box<Exchange>,
+        phase: Phase,
+    ) -> (Box<Exchange>, Result<(), PluginError>) {
         self.store.data_mut().exchange = Some(exchange);
-        let outcome = match self.begin(Phase::Complete) {
+        let outcome = match self.begin(phase) {
             Ok(()) => {
-                let outcome = self
-                    .world
-                    .wasmgate_plugin_handler()
-                    .call_on_complete(&mut self.store)
-                    .await;
-                self.finish(Phase::Complete, outcome)
+                let handler = self.world.wasmgate_plugin_handler();
+                let outcome = match phase {
+                    Phase::Complete => handler.call_on_complete(&mut self.store).await,
+                    _ => handler.call_on_response(&mut self.store).await,
+                };
+                self.finish(phase, outcome)
             }
             Err(err) => Err(err),
         };
