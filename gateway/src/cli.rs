@@ -13,11 +13,27 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written: `text` for people, `json` for log collectors. Levels are
+    /// filtered by `RUST_LOG` (default `info`).
+    #[arg(
+        long,
+        global = true,
+        env = "WASMGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serves the routes of a manifest until SIGINT or SIGTERM.
+    /// Serves the routes of a manifest until SIGINT or SIGTERM, then drains. SIGHUP reloads
+    /// the manifest.
     Run {
         /// The manifest file.
         #[arg(short, long, env = "WASMGATE_CONFIG")]
@@ -35,12 +51,15 @@ enum Command {
 /// Parses the process arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -65,10 +84,12 @@ pub fn main() -> ExitCode {
         },
         Command::Run { config } => runtime.block_on(async {
             match crate::Gateway::start(&config).await {
-                Ok(gateway) => {
-                    gateway.run_until_signal().await;
-                    ExitCode::SUCCESS
-                }
+                Ok(gateway) => match gateway.run_until_signal().await {
+                    // A drain that timed out still ends the process normally: the operator
+                    // chose the timeout, and the log says what was cut.
+                    Some(_) => ExitCode::SUCCESS,
+                    None => ExitCode::from(130),
+                },
                 Err(err) => {
                     eprintln!("{err}");
                     ExitCode::FAILURE

@@ -11,12 +11,17 @@
 //! - [`upstream`]: target selection and pooled keep-alive connections.
 //!
 //! [`manifest`] parses the YAML the operator writes; [`snapshot`] turns it into the immutable
-//! set of routes, plugins and upstreams that the proxy serves from.
+//! set of routes, plugins and upstreams that the proxy serves from. A reload (SIGHUP, a change
+//! in the manifest's folder, `POST /reload` on the admin listener) builds a new snapshot off the
+//! request path and swaps it in whole; [`metrics`] outlive every snapshot.
 
+mod admin;
 pub mod body;
 pub mod cli;
 pub mod manifest;
+pub mod metrics;
 pub mod proxy;
+mod reload;
 pub mod request_id;
 pub mod router;
 pub mod runtime;
@@ -24,4 +29,4 @@ pub mod server;
 pub mod snapshot;
 pub mod upstream;
 
-pub use server::{Gateway, StartError, check};
+pub use server::{Drained, Gateway, ReloadReport, StartError, check};

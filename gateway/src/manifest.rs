@@ -23,6 +23,8 @@ pub struct Manifest {
     pub path: PathBuf,
     /// Its contents.
     pub spec: ManifestSpec,
+    /// The SHA-256 of the text, hex: what `GET /config` reports, to tell which manifest is served.
+    pub digest: String,
 }
 
 /// The manifest's top level.
@@ -45,10 +47,81 @@ pub struct ManifestSpec {
     /// Routes, tried in the precedence order documented in the README (not file order).
     #[serde(default)]
     pub routes: Vec<Spanned<RouteSpec>>,
+    /// The admin listener (`/status`, `/status/ready`, `/metrics`, `POST /reload`, `GET
+    /// /config`). Without this section there is none.
+    #[serde(default)]
+    pub admin: Option<Spanned<AdminSpec>>,
+    /// How the manifest is reloaded while serving.
+    #[serde(default)]
+    pub reload: ReloadSpec,
+    /// How the gateway stops on SIGTERM or SIGINT.
+    #[serde(default)]
+    pub shutdown: ShutdownSpec,
+    /// A folder where compiled plugins are kept across restarts (relative to the manifest's
+    /// folder). Without it, plugins are compiled at every start.
+    #[serde(default)]
+    pub plugin_cache: Option<PathBuf>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    /// Address to bind; loopback unless you mean to expose reloads and metrics.
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// Reloading.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSpec {
+    /// Reload when anything in the manifest's folder changes. SIGHUP and `POST /reload` always
+    /// work.
+    pub watch: bool,
+    /// How long the folder must be quiet before a change is acted on: an editor's save or a
+    /// ConfigMap update is several events.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadSpec {
+    fn default() -> Self {
+        ReloadSpec {
+            watch: true,
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSpec {
+    /// How long the gateway keeps accepting connections after the signal while `/status/ready`
+    /// answers 503, so that load balancers stop sending new traffic first.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// The longest wait for requests in flight to finish; past it the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownSpec {
+    fn default() -> Self {
+        ShutdownSpec {
+            delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A listening socket.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSpec {
     /// Name used in logs.
@@ -119,6 +192,9 @@ pub struct PluginSpec {
     /// Overrides `limits.plugin_host_calls` for this plugin.
     #[serde(default)]
     pub host_calls: Option<u32>,
+    /// The SHA-256 (hex) the file must have; any other content refuses to load.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// An upstream service.
@@ -374,6 +450,7 @@ impl Manifest {
         let manifest = Manifest {
             path: path.to_path_buf(),
             spec,
+            digest: crate::runtime::WasmDigest::of(text.as_bytes()).to_hex(),
         };
         let errors = manifest.check();
         if errors.is_empty() {
@@ -428,6 +505,34 @@ impl Manifest {
                     .at_line(listener.referenced.line()),
                 );
             }
+        }
+        for (name, plugin) in &spec.plugins {
+            if let Some(pin) = &plugin.value.sha256
+                && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                errors.push(
+                    ManifestError::new(file, "`sha256` must be 64 hex digits, as sha256sum prints")
+                        .at_line(plugin.referenced.line())
+                        .for_plugin(name),
+                );
+            }
+        }
+        if let Some(admin) = &spec.admin
+            && spec
+                .listeners
+                .iter()
+                .any(|l| l.value.bind == admin.value.bind && admin.value.bind.port() != 0)
+        {
+            errors.push(
+                ManifestError::new(
+                    file,
+                    format!(
+                        "the admin listener's address {} is also a listener's",
+                        admin.value.bind
+                    ),
+                )
+                .at_line(admin.referenced.line()),
+            );
         }
         for (name, upstream) in &spec.upstreams {
             if upstream.value.targets.is_empty() {

@@ -29,8 +29,11 @@ use crate::body::{OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
-use crate::runtime::{Decision, Exchange, FailureKind, LoadedPlugin, PluginError, PluginInstance};
+use crate::runtime::{
+    Decision, Exchange, FailureKind, LoadedPlugin, Phase, PluginError, PluginInstance,
+};
 use crate::snapshot::{ChainLink, Route, Snapshot};
+use crate::upstream::Target;
 
 /// Answers one client request with the given snapshot.
 pub async fn handle(
@@ -56,13 +59,34 @@ async fn route_and_forward(
     let host = request_host(&request);
     let route = match snapshot.route(host, request.uri().path(), request.method()) {
         Ok(route) => route,
-        Err(RouteMatch::MethodNotAllowed) => {
-            return gateway_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-                .map(Into::into);
+        Err(unrouted) => {
+            let (status, reason) = match unrouted {
+                RouteMatch::MethodNotAllowed => {
+                    (StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                }
+                _ => (StatusCode::NOT_FOUND, "no route"),
+            };
+            snapshot.services.metrics.unrouted(request.method(), status);
+            return gateway_error(status, reason).map(Into::into);
         }
-        Err(_) => return gateway_error(StatusCode::NOT_FOUND, "no route").map(Into::into),
     };
+    let method = request.method().clone();
+    let response =
+        forward_routed(snapshot, route, request, client_addr, request_id, received).await;
+    route
+        .metrics
+        .answered(&method, response.status(), received.elapsed());
+    response
+}
 
+async fn forward_routed(
+    snapshot: &Snapshot,
+    route: &Route,
+    request: Request<Incoming>,
+    client_addr: SocketAddr,
+    request_id: &HeaderValue,
+    received: Instant,
+) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
     // Done before any plugin runs, so that `Connection` can only ever name the client's own
     // hop-by-hop headers, never one a plugin or the gateway adds later.
@@ -82,12 +106,12 @@ async fn route_and_forward(
         return forward(route, upstream_request).await.map(Into::into);
     }
     let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
-    run_chain(route, snapshot.max_body, Box::new(exchange), body, received).await
+    run_chain(snapshot, route, Box::new(exchange), body, received).await
 }
 
 async fn run_chain(
+    snapshot: &Snapshot,
     route: &Route,
-    max_body: u64,
     mut exchange: Box<Exchange>,
     body: Incoming,
     received: Instant,
@@ -95,7 +119,7 @@ async fn run_chain(
     let mut body = Some(body);
     if route.buffer_body {
         let incoming = body.take().expect("body not taken yet");
-        match buffer_body(&exchange.request.headers, incoming, max_body).await {
+        match buffer_body(&exchange.request.headers, incoming, snapshot.max_body).await {
             Ok(bytes) => exchange.body = Some(bytes),
             Err(response) => return response.map(Into::into),
         }
@@ -108,6 +132,7 @@ async fn run_chain(
     let mut ran: Vec<(&ChainLink, PluginInstance)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
+        let started = Instant::now();
         let mut instance = match link.plugin.instantiate(&link.config).await {
             Ok(instance) => instance,
             Err(err) => match on_failure(route, link, &exchange, &err) {
@@ -122,6 +147,8 @@ async fn run_chain(
             (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
         let (returned, decision) = instance.on_request(exchange).await;
         exchange = returned;
+        let metrics = link.plugin.metrics();
+        metrics.invoked(Phase::Request, started.elapsed());
         match decision {
             Ok(Decision::Continue) => ran.push((link, instance)),
             Ok(Decision::Respond(response)) => {
@@ -157,7 +184,7 @@ async fn run_chain(
                 upstream_body.into()
             };
             let head = &exchange.request;
-            let mut upstream_request = upstream_request(
+            let (mut upstream_request, target) = upstream_request(
                 route,
                 &head.method,
                 &head.uri,
@@ -169,7 +196,7 @@ async fn run_chain(
                 upstream_request.headers_mut().remove(CONTENT_LENGTH);
             }
             let sent = Instant::now();
-            let response = forward(route, upstream_request).await;
+            let response = forward(route, (upstream_request, target)).await;
             exchange
                 .properties
                 .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
@@ -188,8 +215,11 @@ async fn run_chain(
     for (link, mut instance) in ran.into_iter().rev() {
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
+        let started = Instant::now();
         let (returned, outcome) = instance.on_response(exchange).await;
         exchange = returned;
+        let metrics = link.plugin.metrics();
+        metrics.invoked(Phase::Response, started.elapsed());
         match outcome {
             Ok(()) if instance.wants_complete() => completing.push((link.plugin.clone(), instance)),
             Ok(()) => {}
@@ -224,13 +254,16 @@ async fn run_chain(
     exchange.response = Some(copy);
     let route_name = route.name.clone();
     let runtime = tokio::runtime::Handle::current();
+    // Tracked, so that a graceful shutdown waits for the completion phase (an access log line).
+    let background = snapshot.services.background.clone();
     let on_end: OnEnd = Box::new(move |sent, completed| {
         let bytes = BodyBytes {
             // Only what reached the upstream was read from the client.
             received: bytes_in.map(|counter| counter.load(Ordering::Relaxed)),
             sent,
         };
-        runtime.spawn(complete(route_name, exchange, completing, bytes, completed));
+        let completion = complete(route_name, exchange, completing, bytes, completed);
+        runtime.spawn(background.track_future(completion));
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
 }
@@ -263,10 +296,13 @@ async fn complete(
         .properties
         .insert(COMPLETED.into(), completed.to_string());
     for (plugin, mut instance) in instances {
+        let started = Instant::now();
         let (returned, outcome) = instance.on_complete(exchange).await;
         exchange = returned;
+        let metrics = plugin.metrics();
+        metrics.invoked(Phase::Complete, started.elapsed());
         if let Err(err) = outcome {
-            plugin.failures().record(err.kind);
+            plugin.record_failure(err.kind);
             let (phase, kind, detail) =
                 (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
             tracing::warn!(
@@ -369,7 +405,7 @@ fn on_failure(
     err: &PluginError,
 ) -> Option<Response<ProxyBody>> {
     let plugin = link.plugin.name();
-    link.plugin.failures().record(err.kind);
+    link.plugin.record_failure(err.kind);
     let request_id = exchange.request_id();
     let (phase, kind, detail) = (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
     let status = match (err.kind, link.on_failure) {
@@ -464,13 +500,13 @@ fn strip_port(host: &str) -> &str {
 ///
 /// `headers` are taken by value: the fast path (no plugins) moves the client's headers in, while a
 /// chain keeps its request for the response phase and passes a copy.
-fn upstream_request(
-    route: &Route,
+fn upstream_request<'r>(
+    route: &'r Route,
     method: &http::Method,
     client_uri: &Uri,
     headers: HeaderMap,
     body: UpstreamBody,
-) -> Request<UpstreamBody> {
+) -> (Request<UpstreamBody>, &'r Target) {
     let target = route.upstream.pick();
     let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
     let path_and_query = match client_uri.query() {
@@ -479,7 +515,7 @@ fn upstream_request(
     };
     let uri = Uri::builder()
         .scheme("http")
-        .authority(target.clone())
+        .authority(target.authority.clone())
         .path_and_query(path_and_query)
         .build()
         .expect("scheme, checked authority and a path from a parsed URI form a valid URI");
@@ -499,7 +535,7 @@ fn upstream_request(
             request.headers_mut().insert(HOST, value);
         }
     }
-    request
+    (request, target)
 }
 
 /// The path sent upstream: `strip_prefix` removed on a segment boundary, never empty.
@@ -515,12 +551,16 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
 }
 
 /// Sends a request upstream and maps failures to 502 and 504.
-async fn forward(route: &Route, request: Request<UpstreamBody>) -> Response<ProxyBody> {
+async fn forward(
+    route: &Route,
+    (request, target): (Request<UpstreamBody>, &Target),
+) -> Response<ProxyBody> {
     let upstream = &route.upstream;
-    // Kept for the error logs only: an `Authority` clone shares its bytes, no allocation.
-    let target = request.uri().authority().cloned();
-    let target = target.as_ref().map_or("", |a| a.as_str());
-    match tokio::time::timeout(route.timeout, upstream.client().request(request)).await {
+    let sent = Instant::now();
+    let outcome = tokio::time::timeout(route.timeout, upstream.client().request(request)).await;
+    target.duration.observe(sent.elapsed().as_secs_f64());
+    let target = target.authority.as_str();
+    match outcome {
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -1,23 +1,31 @@
 //! Listeners and connections: accepts clients and hands each request to the proxy with the
-//! current snapshot.
+//! current snapshot; reloads and graceful shutdown.
+//!
+//! A request loads the current snapshot once, when it arrives, and keeps that `Arc` until its
+//! last phase has run, so a reload (which builds a whole new snapshot off the request path and
+//! swaps it in) can never make a request run part of its chain on one manifest and part on
+//! another.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{Manifest, ManifestError, ManifestErrors};
+use crate::manifest::{AdminSpec, ListenerSpec, Manifest, ManifestError, ManifestErrors};
 use crate::runtime::Runtime;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Services, Snapshot};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,23 +54,38 @@ pub enum StartError {
 pub async fn check(manifest_path: &Path) -> Result<Vec<ManifestError>, StartError> {
     let manifest = Manifest::load(manifest_path)?;
     let runtime = Runtime::new().map_err(StartError::Runtime)?;
-    Ok(Snapshot::build(&manifest, &runtime).await?.warnings)
+    Ok(Snapshot::build(&manifest, &runtime, &Services::default())
+        .await?
+        .warnings)
 }
 
 /// A running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
     listeners: Vec<(String, SocketAddr)>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    admin: Option<SocketAddr>,
+    stop_accepting: watch::Sender<bool>,
+    accept_loops: Vec<JoinHandle<GracefulShutdown>>,
+    /// Dropping it stops watching the manifest's folder.
+    _watcher: Option<crate::reload::FolderWatcher>,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
             .field("listeners", &self.listeners)
+            .field("admin", &self.admin)
             .finish_non_exhaustive()
     }
+}
+
+/// How a graceful shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every request in flight finished.
+    Clean,
+    /// The drain timeout passed with requests still in flight; they were cut.
+    TimedOut,
 }
 
 impl Gateway {
@@ -71,27 +94,39 @@ impl Gateway {
         // Nothing is served yet, so compiling plugins on this worker holds up no request.
         let manifest = Manifest::load(manifest_path)?;
         let runtime = Runtime::new().map_err(StartError::Runtime)?;
-        let snapshot = Snapshot::build(&manifest, &runtime).await?;
-
+        let services = Services::default();
+        let started = Instant::now();
+        let snapshot = Snapshot::build(&manifest, &runtime, &services).await?;
+        tracing::info!(
+            manifest = %manifest_path.display(),
+            sha256 = %snapshot.manifest_digest,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            compiled = snapshot.cache.compiled,
+            from_disk_cache = snapshot.cache.disk,
+            "manifest loaded"
+        );
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
+        let listener_specs = snapshot.listeners.clone();
+        let admin_spec = snapshot.admin.clone();
+        let reload_spec = snapshot.reload.clone();
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            _runtime: runtime,
+            runtime: Arc::new(runtime),
+            services,
+            manifest_path: manifest_path.to_path_buf(),
+            listeners: listener_specs.clone(),
+            admin: admin_spec.clone(),
+            draining: AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
         });
-        let (shutdown, _) = watch::channel(false);
+
+        let (stop_accepting, _) = watch::channel(false);
         let mut listeners = Vec::new();
-        let mut tasks = Vec::new();
-        for spec in shared.snapshot.load().listeners.clone() {
-            let listener =
-                TcpListener::bind(spec.bind)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: spec.name.clone(),
-                        addr: spec.bind,
-                        source,
-                    })?;
+        let mut accept_loops = Vec::new();
+        for spec in &listener_specs {
+            let listener = bind(&spec.name, spec.bind).await?;
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 name: spec.name.clone(),
                 addr: spec.bind,
@@ -99,17 +134,56 @@ impl Gateway {
             })?;
             tracing::info!(listener = %spec.name, %addr, "listening");
             listeners.push((spec.name.clone(), addr));
-            tasks.push(tokio::spawn(accept_loop(
+            accept_loops.push(tokio::spawn(accept_loop(
                 listener,
                 shared.clone(),
-                shutdown.subscribe(),
+                stop_accepting.subscribe(),
             )));
         }
+        let admin = match &admin_spec {
+            Some(spec) => {
+                let listener = bind("admin", spec.bind).await?;
+                let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                    name: "admin".into(),
+                    addr: spec.bind,
+                    source,
+                })?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "the admin listener is not on loopback: anyone who reaches it can reload the gateway");
+                }
+                tracing::info!(listener = %"admin", %addr, "listening");
+                tokio::spawn(crate::admin::serve(
+                    listener,
+                    shared.clone(),
+                    stop_accepting.subscribe(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
+        let watcher = if reload_spec.watch {
+            let dir = manifest.base_dir();
+            match crate::reload::FolderWatcher::start(dir, reload_spec.debounce, shared.clone()) {
+                Ok(watcher) => Some(watcher),
+                Err(message) => {
+                    // SIGHUP and `POST /reload` still work: not a reason to refuse to serve.
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        "cannot watch the manifest's folder ({message}); reload with SIGHUP or POST /reload"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Gateway {
             shared,
             listeners,
-            shutdown,
-            tasks,
+            admin,
+            stop_accepting,
+            accept_loops,
+            _watcher: watcher,
         })
     }
 
@@ -119,6 +193,11 @@ impl Gateway {
             .iter()
             .find(|(name, _)| name == listener)
             .map(|(_, addr)| *addr)
+    }
+
+    /// The admin listener's address, if the manifest declares one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// The snapshot being served now.
@@ -131,54 +210,293 @@ impl Gateway {
         &self.listeners
     }
 
-    /// Stops accepting connections. Connections already open are closed as their tasks end.
+    /// The process's metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.shared.services.metrics
+    }
+
+    /// Reloads the manifest and every plugin it names, as SIGHUP does.
+    pub async fn reload(&self) -> Result<ReloadReport, ManifestErrors> {
+        self.shared.reload().await
+    }
+
+    /// Stops accepting connections at once. Connections already open are closed as their
+    /// tasks end. For an orderly stop, see [`Gateway::drain`].
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
+        let _ = self.stop_accepting.send(true);
+        for task in self.accept_loops {
             let _ = task.await;
         }
     }
 
-    /// Runs until the process receives Ctrl-C or SIGTERM.
-    pub async fn run_until_signal(self) {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        self.shutdown().await;
-    }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    /// Stops gracefully: readiness turns 503 at once; connections are still accepted for the
+    /// manifest's `shutdown.delay`, so that load balancers can stop sending; then listeners
+    /// close, HTTP/1.1 connections close after their response in flight, HTTP/2 connections
+    /// get GOAWAY, and completion phases finish; all within `shutdown.drain_timeout`.
+    pub async fn drain(self) -> Drained {
+        let spec = self.shared.snapshot.load().shutdown.clone();
+        self.shared.draining.store(true, Ordering::Release);
+        tracing::info!(delay = ?spec.delay, drain_timeout = ?spec.drain_timeout, "draining");
+        tokio::time::sleep(spec.delay).await;
+        let _ = self.stop_accepting.send(true);
+        let drain = async {
+            let mut closing = Vec::new();
+            for task in self.accept_loops {
+                if let Ok(graceful) = task.await {
+                    closing.push(graceful.shutdown());
+                }
+            }
+            for connections in closing {
+                connections.await;
+            }
+            let background = &self.shared.services.background;
+            background.close();
+            background.wait().await;
+        };
+        match tokio::time::timeout(spec.drain_timeout, drain).await {
+            Ok(()) => {
+                tracing::info!("drained");
+                Drained::Clean
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "drain timeout passed with requests still in flight; stopping anyway"
+                );
+                Drained::TimedOut
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    /// Serves until SIGINT or SIGTERM, then drains. SIGHUP reloads the manifest. A second
+    /// SIGINT or SIGTERM during the drain returns at once with `None`.
+    pub async fn run_until_signal(self) -> Option<Drained> {
+        let signals = Signals::install();
+        let Signals {
+            mut hangup,
+            mut terminate,
+            mut interrupt,
+        } = match signals {
+            Ok(signals) => signals,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot install signal handlers");
+                return Some(self.drain().await);
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move { let _ = shared.reload().await; });
+                }
+                _ = Signals::stop(&mut terminate, &mut interrupt) => break,
+            }
+        }
+        tokio::select! {
+            drained = self.drain() => Some(drained),
+            _ = Signals::stop(&mut terminate, &mut interrupt) => {
+                tracing::warn!("second stop signal: exiting without waiting");
+                None
+            }
+        }
+    }
 }
 
-/// State shared by every connection.
-struct Shared {
-    snapshot: ArcSwap<Snapshot>,
-    /// Kept alive for as long as any snapshot's plugins may run.
-    _runtime: Runtime,
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The SHA-256 of the manifest now served.
+    pub manifest_digest: String,
+    /// How long loading took.
+    pub elapsed: Duration,
+    /// Plugins compiled for this load (not found in memory or on disk).
+    pub compiled: u32,
+}
+
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn stop(terminate: &mut Signal, interrupt: &mut Signal) {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM"),
+            _ = interrupt.recv() => tracing::info!("SIGINT"),
+        }
+    }
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            name: name.to_string(),
+            addr,
+            source,
+        })
+}
+
+/// State shared by every connection, the admin listener and the reloader.
+pub(crate) struct Shared {
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    runtime: Arc<Runtime>,
+    pub(crate) services: Services,
+    manifest_path: PathBuf,
+    /// Fixed at start-up: sockets are not re-bound by a reload.
+    listeners: Vec<ListenerSpec>,
+    admin: Option<AdminSpec>,
+    pub(crate) draining: AtomicBool,
+    /// One reload at a time; a trigger arriving during a reload waits and then loads the newest
+    /// files.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// Reloads the manifest: parses it, builds a whole snapshot on a thread of its own (plugin
+    /// compilation is CPU-bound and would stall the requests sharing a Tokio worker), and swaps
+    /// it in. On failure the old snapshot keeps serving and every error is logged.
+    pub(crate) async fn reload(self: &Arc<Self>) -> Result<ReloadReport, ManifestErrors> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let started = Instant::now();
+        let outcome = self.build_next().await;
+        let metrics = &self.services.metrics;
+        match outcome {
+            Ok(snapshot) => {
+                metrics.reloaded(true);
+                for warning in &snapshot.warnings {
+                    tracing::warn!("{warning}");
+                }
+                let report = ReloadReport {
+                    manifest_digest: snapshot.manifest_digest.clone(),
+                    elapsed: started.elapsed(),
+                    compiled: snapshot.cache.compiled,
+                };
+                self.snapshot.store(Arc::new(snapshot));
+                tracing::info!(
+                    sha256 = %report.manifest_digest,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    compiled = report.compiled,
+                    "manifest reloaded"
+                );
+                Ok(report)
+            }
+            Err(errors) => {
+                metrics.reloaded(false);
+                for error in &errors.0 {
+                    tracing::error!("{error}");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    "reload failed; still serving the previous manifest"
+                );
+                Err(errors)
+            }
+        }
+    }
+
+    async fn build_next(self: &Arc<Self>) -> Result<Snapshot, ManifestErrors> {
+        let manifest = Manifest::load(&self.manifest_path)?;
+        self.check_fixed(&manifest)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wasmgate-reload".into())
+            .spawn(move || {
+                let built = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|err| {
+                        ManifestErrors(vec![ManifestError::new(
+                            &manifest.path,
+                            format!("cannot start the reload thread's runtime: {err}"),
+                        )])
+                    })
+                    .and_then(|runtime| {
+                        runtime.block_on(Snapshot::build(
+                            &manifest,
+                            &shared.runtime,
+                            &shared.services,
+                        ))
+                    });
+                let _ = done.send(built);
+            });
+        let internal = |message: String| {
+            ManifestErrors(vec![ManifestError::new(&self.manifest_path, message)])
+        };
+        if let Err(err) = spawned {
+            return Err(internal(format!("cannot start the reload thread: {err}")));
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(internal("the reload thread panicked".into())))
+    }
+
+    /// Listener addresses are bound once, at start-up: a reload that changes them is refused
+    /// rather than half applied.
+    fn check_fixed(&self, manifest: &Manifest) -> Result<(), ManifestErrors> {
+        let file = manifest.path.as_path();
+        let mut errors = Vec::new();
+        let next: Vec<ListenerSpec> = manifest
+            .spec
+            .listeners
+            .iter()
+            .map(|l| l.value.clone())
+            .collect();
+        if next != self.listeners {
+            let describe = |specs: &[ListenerSpec]| {
+                specs
+                    .iter()
+                    .map(|l| format!("{} on {}", l.name, l.bind))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            errors.push(ManifestError::new(
+                file,
+                format!(
+                    "listeners are fixed at start-up (serving: {}; manifest now says: {}); restart the gateway to change them",
+                    describe(&self.listeners),
+                    describe(&next)
+                ),
+            ));
+        }
+        let next_admin = manifest.spec.admin.as_ref().map(|a| a.value.clone());
+        if next_admin != self.admin {
+            errors.push(ManifestError::new(
+                file,
+                "the admin listener is fixed at start-up; restart the gateway to change it",
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestErrors(errors))
+        }
+    }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    mut stop: watch::Receiver<bool>,
+) -> GracefulShutdown {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         // Without a timer this does nothing; with it, slow-header clients are cut off.
         .header_read_timeout(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, client_addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -190,24 +508,26 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = stop.changed() => return graceful,
         };
         let _ = stream.set_nodelay(true);
+        let open = shared.services.metrics.connection();
         let shared = shared.clone();
-        let builder = builder.clone();
+        let service = service_fn(move |request| {
+            let snapshot = shared.snapshot.load_full();
+            async move {
+                Ok::<_, Infallible>(crate::proxy::handle(snapshot, request, client_addr).await)
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let snapshot = shared.snapshot.load_full();
-                async move {
-                    Ok::<_, Infallible>(crate::proxy::handle(snapshot, request, client_addr).await)
-                }
-            });
-            if let Err(err) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(err) = connection.await {
                 tracing::debug!(%client_addr, error = %err, "connection ended with an error");
             }
+            drop(open);
         });
     }
 }

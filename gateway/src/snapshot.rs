@@ -6,14 +6,29 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::Method;
+use tokio_util::task::TaskTracker;
 
-use crate::manifest::{FailurePolicy, ListenerSpec, Manifest, ManifestError, ManifestErrors};
+use crate::manifest::{
+    AdminSpec, FailurePolicy, ListenerSpec, Manifest, ManifestError, ManifestErrors, ReloadSpec,
+    ShutdownSpec,
+};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
-use crate::runtime::{CompiledComponents, LoadedPlugin, PluginBudget, Runtime};
+use crate::runtime::{CacheStats, LoadSession, LoadedPlugin, PluginBudget, Runtime};
 use crate::upstream::Upstream;
+
+/// What outlives every snapshot: the metrics registry and the tasks that run after a response
+/// (completion phases), which a graceful shutdown waits for.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Work left running after a response, tracked so that a drain can wait for it.
+    pub background: TaskTracker,
+}
 
 /// A route ready to serve.
 #[derive(Debug)]
@@ -30,6 +45,8 @@ pub struct Route {
     pub chain: Vec<ChainLink>,
     /// Whether a plugin in the chain reads bodies, so bodies are buffered.
     pub buffer_body: bool,
+    /// The route's metric series.
+    pub metrics: RouteMetrics,
 }
 
 /// One plugin in a route's chain, with the configuration this route gives it.
@@ -53,6 +70,20 @@ pub struct Snapshot {
     /// Problems that do not stop the manifest from loading, such as an auth plugin set to fail
     /// open.
     pub warnings: Vec<ManifestError>,
+    /// The admin listener, if the manifest declares one.
+    pub admin: Option<AdminSpec>,
+    /// How reloads are triggered.
+    pub reload: ReloadSpec,
+    /// How the gateway stops.
+    pub shutdown: ShutdownSpec,
+    /// The SHA-256 of the manifest text this snapshot was built from.
+    pub manifest_digest: String,
+    /// When the snapshot was built.
+    pub loaded_at: SystemTime,
+    /// Where its plugins' compiled code came from.
+    pub cache: CacheStats,
+    /// Metrics, completion tasks.
+    pub services: Services,
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     routes: Vec<Route>,
     router: Router,
@@ -61,14 +92,20 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles every plugin, checks every plugin use's configuration and builds the routes.
     /// Returns every problem found, not just the first.
-    pub async fn build(manifest: &Manifest, runtime: &Runtime) -> Result<Snapshot, ManifestErrors> {
+    pub async fn build(
+        manifest: &Manifest,
+        runtime: &Runtime,
+        services: &Services,
+    ) -> Result<Snapshot, ManifestErrors> {
         let file = manifest.path.as_path();
         let spec = &manifest.spec;
+        let metrics = &services.metrics;
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
 
         let mut plugins: BTreeMap<String, Arc<LoadedPlugin>> = BTreeMap::new();
-        let mut compiled = CompiledComponents::default();
+        let mut session =
+            LoadSession::new(spec.plugin_cache.as_deref().map(|p| manifest.resolve(p)));
         for (name, declared) in &spec.plugins {
             let limits = &spec.limits;
             let budget = PluginBudget {
@@ -86,7 +123,9 @@ impl Snapshot {
                 body_access: declared.value.body,
             };
             let path = manifest.resolve(&declared.value.source);
-            match runtime.load(name, &path, budget, &mut compiled) {
+            let pin = declared.value.sha256.as_deref();
+            let plugin_metrics = metrics.plugin(name);
+            match runtime.load(name, &path, pin, budget, &mut session, plugin_metrics) {
                 Ok(plugin) => {
                     plugins.insert(name.clone(), Arc::new(plugin));
                 }
@@ -100,7 +139,7 @@ impl Snapshot {
 
         let mut upstreams = BTreeMap::new();
         for (name, declared) in &spec.upstreams {
-            match Upstream::new(name, &declared.value) {
+            match Upstream::new(name, &declared.value, metrics) {
                 Ok(upstream) => {
                     upstreams.insert(name.as_str(), Arc::new(upstream));
                 }
@@ -185,6 +224,7 @@ impl Snapshot {
                 timeout: route.timeout.unwrap_or(upstream.timeout),
                 buffer_body: chain.iter().any(|link| link.plugin.budget().body_access),
                 chain,
+                metrics: metrics.route(&route.name),
             });
         }
 
@@ -193,14 +233,27 @@ impl Snapshot {
             errors.sort_by_key(|err| err.line);
             return Err(ManifestErrors(errors));
         }
+        runtime.commit(&session);
         Ok(Snapshot {
             listeners: spec.listeners.iter().map(|l| l.value.clone()).collect(),
             max_body: spec.limits.max_body.0,
             warnings,
+            admin: spec.admin.as_ref().map(|a| a.value.clone()),
+            reload: spec.reload.clone(),
+            shutdown: spec.shutdown.clone(),
+            manifest_digest: manifest.digest.clone(),
+            loaded_at: SystemTime::now(),
+            cache: session.stats,
+            services: services.clone(),
             plugins,
             routes,
             router: router.build(),
         })
+    }
+
+    /// The routes' names, in manifest order.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|route| &*route.name)
     }
 
     /// A loaded plugin, by its name in the manifest.
@@ -291,6 +344,7 @@ mod tests {
         let manifest = Manifest {
             path: dir.join("gw.yaml"),
             spec: serde_saphyr::from_str("version: 1\nlisteners: []\n").unwrap(),
+            digest: String::new(),
         };
         let config = serde_json::json!({
             "keys": [{ "secret": { "$env": "PATH" } }],

@@ -8,8 +8,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::body::UpstreamBody;
 use crate::manifest::UpstreamSpec;
+use crate::metrics::Metrics;
 
 /// Parses a target URL: `http://host:port`, with no path, query or credentials.
 pub fn parse_target(url: &str) -> Result<Authority, String> {
@@ -38,12 +41,21 @@ pub fn parse_target(url: &str) -> Result<Authority, String> {
     Ok(authority)
 }
 
+/// One server of an upstream.
+#[derive(Debug)]
+pub struct Target {
+    /// Where it listens.
+    pub authority: Authority,
+    /// Its response-time series.
+    pub duration: Histogram,
+}
+
 /// An upstream service with its own connection pool.
 #[derive(Debug)]
 pub struct Upstream {
     /// The upstream's name in the manifest.
     pub name: String,
-    targets: Vec<Authority>,
+    targets: Vec<Target>,
     next: AtomicUsize,
     /// Longest wait for the response head.
     pub timeout: Duration,
@@ -52,12 +64,19 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the upstream; its targets were checked with the manifest.
-    pub fn new(name: &str, spec: &UpstreamSpec) -> Result<Upstream, String> {
+    pub fn new(name: &str, spec: &UpstreamSpec, metrics: &Metrics) -> Result<Upstream, String> {
         let targets = spec
             .targets
             .iter()
-            .map(|t| parse_target(&t.url))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|t| {
+                let authority = parse_target(&t.url)?;
+                let duration = metrics.target(name, authority.as_str());
+                Ok(Target {
+                    authority,
+                    duration,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(spec.connect_timeout));
         connector.set_nodelay(true);
@@ -75,7 +94,7 @@ impl Upstream {
     }
 
     /// The target for the next request, in turn.
-    pub fn pick(&self) -> &Authority {
+    pub fn pick(&self) -> &Target {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
         &self.targets[i]
     }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method};
 use wasmgate::manifest::MatchSpec;
+use wasmgate::metrics::Metrics;
 use wasmgate::router::{RouteMatch, RouterBuilder};
-use wasmgate::runtime::{CompiledComponents, Decision, Exchange, PluginBudget, Runtime};
+use wasmgate::runtime::{Decision, Exchange, LoadSession, PluginBudget, Runtime};
 
 fn budget() -> PluginBudget {
     PluginBudget {
@@ -36,7 +37,14 @@ fn plugin_invocation(c: &mut Criterion) {
     let runtime = Runtime::new().unwrap();
     let path = wasmgate_tests::plugin("bench_plugin");
     let plugin = runtime
-        .load("bench", &path, budget(), &mut CompiledComponents::default())
+        .load(
+            "bench",
+            &path,
+            None,
+            budget(),
+            &mut LoadSession::default(),
+            Metrics::new().plugin("bench"),
+        )
         .unwrap();
     let (parts, ()) = http::Request::get("/users/42")
         .header("x-a", "alpha")

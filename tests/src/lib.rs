@@ -100,6 +100,7 @@ pub struct Seen {
 ///
 /// - a path with `/slow` in it answers after 10 s (for timeouts);
 /// - `/bytes/N` answers with N bytes of a known pattern (see [`pattern`]);
+/// - `/delay/MS` answers after MS milliseconds;
 /// - `/stream-echo` sends each chunk of the request body back as soon as it arrives;
 /// - anything else answers 200 with header `x-upstream: <name>` and echoes the request body.
 pub struct TestUpstream {
@@ -207,6 +208,9 @@ async fn upstream_answer(
     if path.contains("/slow") {
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
     let body = match path.strip_prefix("/bytes/") {
         Some(n) => Bytes::from(pattern(n.parse().unwrap_or(0))),
         None => body,
@@ -261,6 +265,23 @@ impl TestGateway {
             addr,
             dir,
         })
+    }
+
+    /// The running gateway.
+    pub fn gateway(&self) -> &wasmgate::Gateway {
+        self.gateway.as_ref().expect("the gateway is running")
+    }
+
+    /// Takes the gateway out, to drain or shut it down in the test.
+    pub fn take(&mut self) -> wasmgate::Gateway {
+        self.gateway.take().expect("the gateway is running")
+    }
+
+    /// The admin listener's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.gateway()
+            .admin_addr()
+            .expect("the manifest declares an admin listener")
     }
 
     /// Failures of one kind counted for a plugin so far.
@@ -448,6 +469,17 @@ impl CliGateway {
         gateway
     }
 
+    /// The address logged for the listener `name` (call before reading past its line).
+    pub async fn listener_addr(&mut self, name: &str) -> SocketAddr {
+        let line = self.line_containing(&format!("listener={name}")).await;
+        let at = line.find("addr=").expect("an address in the line") + 5;
+        line[at..]
+            .split_whitespace()
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .expect("the listening address in the log")
+    }
+
     /// The next log line that contains `needle` (within 30 s).
     pub async fn line_containing(&mut self, needle: &str) -> String {
         loop {
@@ -470,6 +502,25 @@ impl CliGateway {
     /// Stops the process.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, `INT`) to the process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the process is running");
+        let status = Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -s {name} {pid} failed");
+    }
+
+    /// Waits (at most `limit`) for the process to exit and returns its exit code.
+    pub async fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the gateway exited in time")
+            .expect("waiting for the gateway")
+            .code()
     }
 }
 

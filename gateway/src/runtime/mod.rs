@@ -14,6 +14,7 @@
 
 mod bindings;
 pub mod budget;
+pub mod cache;
 pub mod exchange;
 mod host;
 
@@ -32,9 +33,12 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::metrics::PluginMetrics;
+
 use self::bindings::{Action, ImmediateResponse, PluginWorld, PluginWorldPre};
 use self::budget::Limiter;
 pub use self::budget::{FailureCounters, FailureKind, PluginBudget, PluginError};
+pub use self::cache::{CacheStats, LoadSession, WasmDigest};
 pub use self::exchange::{Exchange, Phase};
 
 /// How often the epoch advances: the granularity of plugin deadlines, and how long a plugin call
@@ -87,6 +91,7 @@ fn is_granted(name: &str) -> bool {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
+    compiled: cache::MemoryCache,
     _ticker: EpochTicker,
 }
 
@@ -125,19 +130,23 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            compiled: cache::MemoryCache::default(),
             _ticker: ticker,
         })
     }
 
-    /// Compiles a plugin, checks what it imports, and pre-instantiates it. `compiled` holds the
-    /// components already compiled for this load, so that a file declared several times (with
-    /// different budgets, say) is compiled once.
+    /// Compiles a plugin (or takes it from a cache), checks what it imports, and
+    /// pre-instantiates it. `pin`, when given, is the SHA-256 (hex) the file must have.
+    /// `session` records the components this load uses, so that a file declared several times
+    /// (with different budgets, say) is compiled once.
     pub fn load(
         &self,
         name: &str,
         path: &Path,
+        pin: Option<&str>,
         budget: PluginBudget,
-        compiled: &mut CompiledComponents,
+        session: &mut LoadSession,
+        metrics: PluginMetrics,
     ) -> Result<LoadedPlugin, String> {
         let shown = path.display();
         if budget.memory > MAX_PLUGIN_MEMORY {
@@ -147,19 +156,21 @@ impl Runtime {
             ));
         }
         let bytes = std::fs::read(path).map_err(|err| format!("cannot read `{shown}`: {err}"))?;
+        let digest = WasmDigest::of(&bytes);
+        if let Some(pin) = pin
+            && !pin.eq_ignore_ascii_case(&digest.to_hex())
+        {
+            return Err(format!(
+                "`{shown}` has sha256 {}, but the manifest pins {pin}",
+                digest.to_hex()
+            ));
+        }
         if !bytes.starts_with(b"\0asm") {
             return Err(format!("`{shown}` is not WebAssembly (no `\\0asm` header)"));
         }
-        let component = match compiled.0.get(&bytes) {
-            Some(component) => component.clone(),
-            None => {
-                let component = Component::new(&self.engine, &bytes).map_err(|err| {
-                    format!("`{shown}` is not a valid WebAssembly component: {err:#}")
-                })?;
-                compiled.0.insert(bytes, component.clone());
-                component
-            }
-        };
+        let component = self
+            .component(&bytes, digest, session)
+            .map_err(|err| format!("`{shown}` is not a valid WebAssembly component: {err:#}"))?;
         let refused: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -188,13 +199,70 @@ impl Runtime {
             budget,
             live: Arc::new(AtomicU32::new(0)),
             failures: FailureCounters::default(),
+            metrics,
         })
     }
 }
 
-/// Components compiled during one manifest load, by their bytes.
-#[derive(Default)]
-pub struct CompiledComponents(std::collections::HashMap<Vec<u8>, Component>);
+impl Runtime {
+    /// The compiled component for these bytes: from this load, an earlier load, the disk cache,
+    /// or compiled now (and then written to the disk cache).
+    fn component(
+        &self,
+        bytes: &[u8],
+        digest: WasmDigest,
+        session: &mut LoadSession,
+    ) -> wasmtime::Result<Component> {
+        if let Some(component) = session.used.get(&digest) {
+            return Ok(component.clone());
+        }
+        let (component, origin) = match self.compiled.get(&digest) {
+            Some(component) => (component, cache::Origin::Memory),
+            None => self.compile(bytes, &digest, session)?,
+        };
+        match origin {
+            cache::Origin::Compiled => session.stats.compiled += 1,
+            cache::Origin::Memory => session.stats.memory += 1,
+            cache::Origin::Disk => session.stats.disk += 1,
+        }
+        session.used.insert(digest, component.clone());
+        Ok(component)
+    }
+
+    fn compile(
+        &self,
+        bytes: &[u8],
+        digest: &WasmDigest,
+        session: &mut LoadSession,
+    ) -> wasmtime::Result<(Component, cache::Origin)> {
+        let Some(dir) = session.disk.clone() else {
+            return Ok((
+                Component::new(&self.engine, bytes)?,
+                cache::Origin::Compiled,
+            ));
+        };
+        match cache::read(&dir, &self.engine, digest) {
+            Ok(Some(component)) => return Ok((component, cache::Origin::Disk)),
+            Ok(None) => {}
+            Err(problem) => {
+                session.stats.rejected += 1;
+                tracing::warn!("plugin cache: {problem}; compiling again");
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        if let Err(problem) = cache::write(&dir, &self.engine, digest, &component) {
+            // The cache only saves time: a read-only folder must not stop the gateway.
+            tracing::warn!("plugin cache: {problem}");
+        }
+        Ok((component, cache::Origin::Compiled))
+    }
+
+    /// Records that the load `session` belongs to is now the one being served: its components
+    /// are kept in memory for the next load, and those only it no longer uses are let go.
+    pub fn commit(&self, session: &LoadSession) {
+        self.compiled.replace(session);
+    }
+}
 
 /// A compiled, pre-instantiated plugin, shared by every route that uses it.
 pub struct LoadedPlugin {
@@ -205,6 +273,7 @@ pub struct LoadedPlugin {
     /// Instances alive now, against `budget.instances`.
     live: Arc<AtomicU32>,
     failures: FailureCounters,
+    metrics: PluginMetrics,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -230,6 +299,17 @@ impl LoadedPlugin {
     /// Failures so far, by kind.
     pub fn failures(&self) -> &FailureCounters {
         &self.failures
+    }
+
+    /// Counts a failure, here and in the metrics.
+    pub fn record_failure(&self, kind: FailureKind) {
+        self.failures.record(kind);
+        self.metrics.failed(kind);
+    }
+
+    /// The plugin's metric series.
+    pub fn metrics(&self) -> &PluginMetrics {
+        &self.metrics
     }
 
     /// Starts an instance and configures it for one route. Fails fast with
