@@ -83,8 +83,17 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config } => runtime.block_on(async {
+            // Before anything else: a SIGHUP that arrived while plugins compile must not end the
+            // process, and a SIGTERM then must still drain once serving.
+            let signals = match crate::server::Signals::install() {
+                Ok(signals) => signals,
+                Err(err) => {
+                    eprintln!("cannot install signal handlers: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match crate::Gateway::start(&config).await {
-                Ok(gateway) => match gateway.run_until_signal().await {
+                Ok(gateway) => match gateway.run_until_signal(signals).await {
                     // A drain that timed out still ends the process normally: the operator
                     // chose the timeout, and the log says what was cut.
                     Some(_) => ExitCode::SUCCESS,

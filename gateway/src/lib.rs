@@ -27,6 +27,7 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod trace;
 pub mod upstream;
 
 pub use server::{Drained, Gateway, ReloadReport, StartError, check};

@@ -57,6 +57,9 @@ pub struct ManifestSpec {
     /// How the gateway stops on SIGTERM or SIGINT.
     #[serde(default)]
     pub shutdown: ShutdownSpec,
+    /// Span export over OTLP. Without it, `traceparent` passes through unchanged.
+    #[serde(default)]
+    pub tracing: Option<TracingSpec>,
     /// A folder where compiled plugins are kept across restarts (relative to the manifest's
     /// folder). Without it, plugins are compiled at every start.
     #[serde(default)]
@@ -74,6 +77,28 @@ pub struct AdminSpec {
 
 fn default_admin_bind() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// Span export.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSpec {
+    /// The OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces` (JSON encoding).
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// How often queued spans are sent.
+    #[serde(default = "default_export_interval", with = "humantime_serde")]
+    pub export_interval: Duration,
+}
+
+fn default_service_name() -> String {
+    "wasmgate".into()
+}
+
+fn default_export_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Reloading.

@@ -33,6 +33,7 @@ use crate::runtime::{
     Decision, Exchange, FailureKind, LoadedPlugin, Phase, PluginError, PluginInstance,
 };
 use crate::snapshot::{ChainLink, Route, Snapshot};
+use crate::trace::{ChildSpan, RequestTrace};
 use crate::upstream::Target;
 
 /// Answers one client request with the given snapshot.
@@ -41,19 +42,39 @@ pub async fn handle(
     request: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Response<ResponseBody> {
-    let request_id = request_id::for_request(request.headers());
-    let mut response = route_and_forward(&snapshot, request, client_addr, &request_id).await;
+    let ids = RequestIds {
+        request_id: request_id::for_request(request.headers()),
+        trace: RequestTrace::begin(
+            snapshot.services.telemetry.as_deref(),
+            request.headers(),
+            request.method(),
+        ),
+    };
+    let mut response = route_and_forward(&snapshot, request, client_addr, &ids).await;
+    ids.trace.finish(response.status());
     response
         .headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id);
+        .insert(X_REQUEST_ID.clone(), ids.request_id);
     response
+}
+
+/// What names a request in logs and traces.
+struct RequestIds {
+    request_id: HeaderValue,
+    trace: RequestTrace,
+}
+
+impl RequestIds {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
 }
 
 async fn route_and_forward(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     client_addr: SocketAddr,
-    request_id: &HeaderValue,
+    ids: &RequestIds,
 ) -> Response<ResponseBody> {
     let received = Instant::now();
     let host = request_host(&request);
@@ -71,8 +92,8 @@ async fn route_and_forward(
         }
     };
     let method = request.method().clone();
-    let response =
-        forward_routed(snapshot, route, request, client_addr, request_id, received).await;
+    ids.trace.routed(&method, &route.name, ids.request_id());
+    let response = forward_routed(snapshot, route, request, client_addr, ids, received).await;
     route
         .metrics
         .answered(&method, response.status(), received.elapsed());
@@ -84,7 +105,7 @@ async fn forward_routed(
     route: &Route,
     request: Request<Incoming>,
     client_addr: SocketAddr,
-    request_id: &HeaderValue,
+    ids: &RequestIds,
     received: Instant,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
@@ -93,7 +114,7 @@ async fn forward_routed(
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
+        .insert(X_REQUEST_ID.clone(), ids.request_id.clone());
 
     if route.chain.is_empty() {
         let upstream_request = upstream_request(
@@ -103,10 +124,18 @@ async fn forward_routed(
             parts.headers,
             streamed(body).into(),
         );
-        return forward(route, upstream_request).await.map(Into::into);
+        return forward(route, upstream_request, ids).await.map(Into::into);
     }
-    let exchange = Exchange::new(parts, client_addr, route.name.clone(), request_id.clone());
-    run_chain(snapshot, route, Box::new(exchange), body, received).await
+    let mut exchange = Exchange::new(
+        parts,
+        client_addr,
+        route.name.clone(),
+        ids.request_id.clone(),
+    );
+    if !ids.trace.trace_id.is_empty() {
+        exchange.trace_id = ids.trace.trace_id.clone();
+    }
+    run_chain(snapshot, route, Box::new(exchange), body, received, ids).await
 }
 
 async fn run_chain(
@@ -115,6 +144,7 @@ async fn run_chain(
     mut exchange: Box<Exchange>,
     body: Incoming,
     received: Instant,
+    ids: &RequestIds,
 ) -> Response<ResponseBody> {
     let mut body = Some(body);
     if route.buffer_body {
@@ -133,9 +163,10 @@ async fn run_chain(
     let mut answer = None;
     for link in &route.chain {
         let started = Instant::now();
+        let mut span = ids.trace.child(|| plugin_span(link, "request"));
         let mut instance = match link.plugin.instantiate(&link.config).await {
             Ok(instance) => instance,
-            Err(err) => match on_failure(route, link, &exchange, &err) {
+            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                 Some(response) => {
                     answer = Some(response);
                     break;
@@ -155,7 +186,7 @@ async fn run_chain(
                 answer = Some(response.map(full));
                 break;
             }
-            Err(err) => match on_failure(route, link, &exchange, &err) {
+            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                 Some(response) => {
                     answer = Some(response);
                     break;
@@ -196,7 +227,7 @@ async fn run_chain(
                 upstream_request.headers_mut().remove(CONTENT_LENGTH);
             }
             let sent = Instant::now();
-            let response = forward(route, (upstream_request, target)).await;
+            let response = forward(route, (upstream_request, target), ids).await;
             exchange
                 .properties
                 .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
@@ -216,6 +247,7 @@ async fn run_chain(
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let started = Instant::now();
+        let mut span = ids.trace.child(|| plugin_span(link, "response"));
         let (returned, outcome) = instance.on_response(exchange).await;
         exchange = returned;
         let metrics = link.plugin.metrics();
@@ -223,7 +255,7 @@ async fn run_chain(
         match outcome {
             Ok(()) if instance.wants_complete() => completing.push((link.plugin.clone(), instance)),
             Ok(()) => {}
-            Err(err) => match on_failure(route, link, &exchange, &err) {
+            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                 Some(replacement) => {
                     // The upstream's body is dropped with its response head.
                     let (parts, body) = replacement.into_parts();
@@ -311,6 +343,7 @@ async fn complete(
                 phase,
                 kind,
                 request_id = exchange.request_id(),
+                trace_id = &*exchange.trace_id,
                 detail,
                 "plugin failed after the response was sent"
             );
@@ -403,10 +436,15 @@ fn on_failure(
     link: &ChainLink,
     exchange: &Exchange,
     err: &PluginError,
+    span: &mut Option<ChildSpan>,
 ) -> Option<Response<ProxyBody>> {
     let plugin = link.plugin.name();
     link.plugin.record_failure(err.kind);
+    if let Some(span) = span {
+        span.fail(err.kind.as_str());
+    }
     let request_id = exchange.request_id();
+    let trace_id = &*exchange.trace_id;
     let (phase, kind, detail) = (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
     let status = match (err.kind, link.on_failure) {
         // Shedding load is not the plugin failing: whatever its policy, it is not skipped.
@@ -419,6 +457,7 @@ fn on_failure(
                 phase,
                 kind,
                 request_id,
+                trace_id,
                 detail,
                 "plugin failed; skipped (fail-open)"
             );
@@ -431,6 +470,7 @@ fn on_failure(
         phase,
         kind,
         request_id,
+        trace_id,
         detail,
         "plugin failed; request refused"
     );
@@ -553,28 +593,42 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
 /// Sends a request upstream and maps failures to 502 and 504.
 async fn forward(
     route: &Route,
-    (request, target): (Request<UpstreamBody>, &Target),
+    (mut request, target): (Request<UpstreamBody>, &Target),
+    ids: &RequestIds,
 ) -> Response<ProxyBody> {
     let upstream = &route.upstream;
+    let authority = target.authority.as_str();
+    let mut span = ids
+        .trace
+        .upstream_call(&upstream.name, authority, request.headers_mut());
     let sent = Instant::now();
     let outcome = tokio::time::timeout(route.timeout, upstream.client().request(request)).await;
     target.duration.observe(sent.elapsed().as_secs_f64());
-    let target = target.authority.as_str();
-    match outcome {
+    let (request_id, trace_id) = (ids.request_id(), &*ids.trace.trace_id);
+    let (status, reason) = match outcome {
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, streamed(body))
+            return Response::from_parts(parts, streamed(body));
         }
         Ok(Err(err)) => {
-            tracing::warn!(route = &*route.name, upstream = %upstream.name, target, error = %error_chain(&err), "upstream request failed");
-            gateway_error(StatusCode::BAD_GATEWAY, "upstream unavailable")
+            tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, error = %error_chain(&err), "upstream request failed");
+            (StatusCode::BAD_GATEWAY, "upstream unavailable")
         }
         Err(_) => {
-            tracing::warn!(route = &*route.name, upstream = %upstream.name, target, timeout = ?route.timeout, "upstream timed out");
-            gateway_error(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
+            tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?route.timeout, "upstream timed out");
+            (StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
         }
+    };
+    if let Some(span) = &mut span {
+        span.fail(reason);
     }
+    gateway_error(status, reason)
+}
+
+/// A plugin invocation's span name.
+fn plugin_span(link: &ChainLink, phase: &str) -> std::borrow::Cow<'static, str> {
+    format!("plugin {} {phase}", link.plugin.name()).into()
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -23,9 +23,12 @@ use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{AdminSpec, ListenerSpec, Manifest, ManifestError, ManifestErrors};
+use crate::manifest::{
+    AdminSpec, ListenerSpec, Manifest, ManifestError, ManifestErrors, TracingSpec,
+};
 use crate::runtime::Runtime;
 use crate::snapshot::{Services, Snapshot};
+use crate::trace::Telemetry;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +97,16 @@ impl Gateway {
         // Nothing is served yet, so compiling plugins on this worker holds up no request.
         let manifest = Manifest::load(manifest_path)?;
         let runtime = Runtime::new().map_err(StartError::Runtime)?;
-        let services = Services::default();
+        let telemetry = match &manifest.spec.tracing {
+            Some(spec) => Some(Arc::new(Telemetry::start(spec).map_err(|message| {
+                ManifestErrors(vec![ManifestError::new(manifest_path, message)])
+            })?)),
+            None => None,
+        };
+        let services = Services {
+            telemetry,
+            ..Services::default()
+        };
         let started = Instant::now();
         let snapshot = Snapshot::build(&manifest, &runtime, &services).await?;
         tracing::info!(
@@ -118,6 +130,7 @@ impl Gateway {
             manifest_path: manifest_path.to_path_buf(),
             listeners: listener_specs.clone(),
             admin: admin_spec.clone(),
+            tracing: manifest.spec.tracing.clone(),
             draining: AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -252,6 +265,9 @@ impl Gateway {
             let background = &self.shared.services.background;
             background.close();
             background.wait().await;
+            if let Some(telemetry) = &self.shared.services.telemetry {
+                telemetry.shutdown().await;
+            }
         };
         match tokio::time::timeout(spec.drain_timeout, drain).await {
             Ok(()) => {
@@ -268,20 +284,14 @@ impl Gateway {
     }
 
     /// Serves until SIGINT or SIGTERM, then drains. SIGHUP reloads the manifest. A second
-    /// SIGINT or SIGTERM during the drain returns at once with `None`.
-    pub async fn run_until_signal(self) -> Option<Drained> {
-        let signals = Signals::install();
+    /// SIGINT or SIGTERM during the drain returns at once with `None`. Install `signals` before
+    /// starting the gateway: a SIGHUP that arrives before there is a handler ends the process.
+    pub async fn run_until_signal(self, signals: Signals) -> Option<Drained> {
         let Signals {
             mut hangup,
             mut terminate,
             mut interrupt,
-        } = match signals {
-            Ok(signals) => signals,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot install signal handlers");
-                return Some(self.drain().await);
-            }
-        };
+        } = signals;
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
@@ -313,14 +323,18 @@ pub struct ReloadReport {
     pub compiled: u32,
 }
 
-struct Signals {
+/// The process signals the gateway acts on: SIGHUP (reload), SIGTERM and SIGINT (drain; a
+/// second one exits at once).
+#[derive(Debug)]
+pub struct Signals {
     hangup: Signal,
     terminate: Signal,
     interrupt: Signal,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Signals> {
+    /// Installs the handlers; from then on these signals no longer end the process by default.
+    pub fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals {
             hangup: signal(SignalKind::hangup())?,
@@ -356,6 +370,7 @@ pub(crate) struct Shared {
     /// Fixed at start-up: sockets are not re-bound by a reload.
     listeners: Vec<ListenerSpec>,
     admin: Option<AdminSpec>,
+    tracing: Option<TracingSpec>,
     pub(crate) draining: AtomicBool,
     /// One reload at a time; a trigger arriving during a reload waits and then loads the newest
     /// files.
@@ -468,6 +483,12 @@ impl Shared {
                     describe(&self.listeners),
                     describe(&next)
                 ),
+            ));
+        }
+        if manifest.spec.tracing != self.tracing {
+            errors.push(ManifestError::new(
+                file,
+                "the `tracing` section is fixed at start-up; restart the gateway to change it",
             ));
         }
         let next_admin = manifest.spec.admin.as_ref().map(|a| a.value.clone());

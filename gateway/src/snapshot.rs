@@ -28,6 +28,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Work left running after a response, tracked so that a drain can wait for it.
     pub background: TaskTracker,
+    /// The span exporter, when the manifest configures one.
+    pub telemetry: Option<Arc<crate::trace::Telemetry>>,
 }
 
 /// A route ready to serve.

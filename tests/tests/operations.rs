@@ -702,3 +702,190 @@ async fn a_pinned_plugin_loads_only_with_its_hash() {
     let malformed = malformed.to_string();
     assert!(malformed.contains("64 hex digits"), "{malformed}");
 }
+
+/// An OTLP/HTTP (JSON) collector: keeps every span it is sent.
+struct Collector {
+    addr: std::net::SocketAddr,
+    spans: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let keep = spans.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let keep = keep.clone();
+                            async move {
+                                assert_eq!(request.uri().path(), "/v1/traces");
+                                let body = request.into_body().collect().await.unwrap().to_bytes();
+                                let export: serde_json::Value =
+                                    serde_json::from_slice(&body).expect("OTLP JSON");
+                                for resource in
+                                    export["resourceSpans"].as_array().into_iter().flatten()
+                                {
+                                    for scope in
+                                        resource["scopeSpans"].as_array().into_iter().flatten()
+                                    {
+                                        for span in scope["spans"].as_array().into_iter().flatten()
+                                        {
+                                            keep.lock().unwrap().push(span.clone());
+                                        }
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    Bytes::from_static(b"{}"),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Collector { addr, spans, task }
+    }
+
+    /// The spans of one trace, once `count` of them have arrived (within 10 s).
+    async fn trace(&self, trace_id: &str, count: usize) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let spans: Vec<_> = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s["traceId"] == trace_id)
+                .cloned()
+                .collect();
+            if spans.len() >= count {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "fewer than {count} spans of trace {trace_id} arrived: {:?}",
+            self.spans.lock().unwrap()
+        );
+    }
+}
+
+fn span<'a>(spans: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no span {name} in {spans:?}"))
+}
+
+#[tokio::test]
+async fn traceparent_reaches_the_upstream_with_our_span_as_parent() {
+    let collector = Collector::start().await;
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\ntracing: {{ otlp_endpoint: \"http://{}/v1/traces\", export_interval: 100ms }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: traced, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ x-a: b }} }} }} }}] }}\n",
+        collector.addr,
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&manifest).await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let response = gateway
+        .send(
+            Request::get("/orders")
+                .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+                .header("tracestate", "vendor=opaque")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    let seen = upstream.last();
+    let sent = seen.headers["traceparent"].to_str().unwrap().to_string();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts[0], "00");
+    assert_eq!(parts[1], trace_id, "the trace continues upstream");
+    assert_ne!(
+        parts[2], client_span,
+        "the upstream's parent is our span, not the client's"
+    );
+    assert_eq!(parts[3], "01");
+    assert_eq!(seen.headers["tracestate"], "vendor=opaque");
+
+    let spans = collector.trace(trace_id, 3).await;
+    let server = span(&spans, "GET traced");
+    assert_eq!(server["parentSpanId"], client_span);
+    let plugin = span(&spans, "plugin rewrite request");
+    assert_eq!(plugin["parentSpanId"], server["spanId"]);
+    let call = span(&spans, "upstream main");
+    assert_eq!(call["parentSpanId"], server["spanId"]);
+    assert_eq!(
+        call["spanId"], parts[2],
+        "the upstream's parent is the upstream-call span"
+    );
+
+    // Without a traceparent, a trace starts here.
+    gateway.get("x", "/fresh").await;
+    let started = upstream.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let fresh_trace = started.split('-').nth(1).unwrap().to_string();
+    assert_ne!(fresh_trace, trace_id);
+    let spans = collector.trace(&fresh_trace, 3).await;
+    assert!(
+        span(&spans, "GET traced")["parentSpanId"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn without_tracing_traceparent_passes_unchanged_and_logs_carry_the_trace_id() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: plain, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: logged }} }}] }}\n",
+        upstream.url()
+    );
+    let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let response = gateway
+        .send(
+            Request::get("/x")
+                .header("traceparent", traceparent)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(upstream.last().headers["traceparent"], traceparent);
+    let line = gateway.line_containing("probe logged saw").await;
+    assert!(
+        line.contains(r#"trace_id="0af7651916cd43dd8448eb211c80319c""#),
+        "{line}"
+    );
+    let request_id = response.header("x-request-id");
+    assert!(
+        line.contains(&format!(r#"request_id="{request_id}""#)),
+        "{line}"
+    );
+    gateway.stop().await;
+}

@@ -52,6 +52,8 @@ pub struct Exchange {
     pub route: Arc<str>,
     /// The request's id, as sent upstream and to the client.
     pub request_id: http::HeaderValue,
+    /// The W3C trace id (hex), for log lines; empty when the request has no trace.
+    pub trace_id: Box<str>,
 }
 
 impl Exchange {
@@ -70,6 +72,7 @@ impl Exchange {
             client_addr,
             route,
             request_id,
+            trace_id: Box::default(),
         }
     }
 

@@ -360,18 +360,18 @@ impl log::Host for PluginState {
             return Err(self.fail(FailureKind::Cap, detail));
         }
         let plugin = &*self.plugin;
-        let (route, request_id) = match self.exchange.as_deref() {
-            Some(exchange) => (&*exchange.route, exchange.request_id()),
-            None => ("", ""),
+        let (route, request_id, trace_id) = match self.exchange.as_deref() {
+            Some(exchange) => (&*exchange.route, exchange.request_id(), &*exchange.trace_id),
+            None => ("", "", ""),
         };
         // Control characters are escaped, so a plugin cannot forge log lines.
         let message = escape_controls(&message);
         match level {
-            LogLevel::Trace => tracing::trace!(plugin, route, request_id, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, route, request_id, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, route, request_id, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, route, request_id, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, route, request_id, "{message}"),
+            LogLevel::Trace => tracing::trace!(plugin, route, request_id, trace_id, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, route, request_id, trace_id, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, route, request_id, trace_id, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, route, request_id, trace_id, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, route, request_id, trace_id, "{message}"),
         }
         Ok(())
     }
