@@ -220,6 +220,23 @@ pub struct PluginSpec {
     /// The SHA-256 (hex) the file must have; any other content refuses to load.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Whether each request gets a fresh instance, or configured instances are reused.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// How far apart a plugin's requests are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// A fresh instance per request, configured for it and dropped after it: nothing a plugin
+    /// keeps in its globals reaches another request.
+    #[default]
+    PerRequest,
+    /// Configured instances are kept and reused by later requests (one request at a time each):
+    /// no instantiation or `configure` per request, but the plugin's globals live on between
+    /// requests. An instance whose call failed or was cut off is never reused.
+    Pooled,
 }
 
 /// An upstream service.

@@ -29,9 +29,7 @@ use crate::body::{OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
-use crate::runtime::{
-    Decision, Exchange, FailureKind, LoadedPlugin, Phase, PluginError, PluginInstance,
-};
+use crate::runtime::{Decision, Exchange, FailureKind, Lease, LoadedPlugin, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
 use crate::upstream::Target;
@@ -159,12 +157,12 @@ async fn run_chain(
     // they, get a response phase.
     // Counts the request body bytes forwarded upstream, only for a completion phase to report.
     let mut bytes_in: Option<Arc<AtomicU64>> = None;
-    let mut ran: Vec<(&ChainLink, PluginInstance)> = Vec::with_capacity(route.chain.len());
+    let mut ran: Vec<(&ChainLink, Lease)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "request"));
-        let mut instance = match link.plugin.instantiate(&link.config).await {
+        let mut instance = match link.acquire().await {
             Ok(instance) => instance,
             Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                 Some(response) => {
@@ -312,7 +310,7 @@ struct BodyBytes {
 async fn complete(
     route: Arc<str>,
     mut exchange: Box<Exchange>,
-    instances: Vec<(Arc<LoadedPlugin>, PluginInstance)>,
+    instances: Vec<(Arc<LoadedPlugin>, Lease)>,
     bytes: BodyBytes,
     completed: bool,
 ) {

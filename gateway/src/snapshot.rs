@@ -12,12 +12,14 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 
 use crate::manifest::{
-    AdminSpec, FailurePolicy, ListenerSpec, Manifest, ManifestError, ManifestErrors, ReloadSpec,
-    ShutdownSpec,
+    AdminSpec, FailurePolicy, Isolation, ListenerSpec, Manifest, ManifestError, ManifestErrors,
+    ReloadSpec, ShutdownSpec,
 };
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
-use crate::runtime::{CacheStats, LoadSession, LoadedPlugin, PluginBudget, Runtime};
+use crate::runtime::{
+    CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, PluginBudget, PluginError, Runtime,
+};
 use crate::upstream::Upstream;
 
 /// What outlives every snapshot: the metrics registry and the tasks that run after a response
@@ -60,7 +62,21 @@ pub struct ChainLink {
     pub config: String,
     /// What a failure of this plugin does to the request.
     pub on_failure: FailurePolicy,
+    /// Configured instances kept between requests, when the plugin's isolation is `pooled`.
+    pub pool: Option<Arc<InstancePool>>,
 }
+
+impl ChainLink {
+    /// An instance for one request: from the pool, or started and configured now.
+    pub async fn acquire(&self) -> Result<Lease, PluginError> {
+        Lease::acquire(&self.plugin, &self.config, self.pool.as_ref()).await
+    }
+}
+
+/// The most idle instances one pooled plugin use keeps. Each holds a slot of the engine's
+/// instance pool and its touched memory, so the bound is modest: enough for the concurrency a
+/// route sees on a few cores.
+const MAX_IDLE_PER_USE: u32 = 32;
 
 /// The immutable result of loading a manifest.
 #[derive(Debug)]
@@ -210,10 +226,16 @@ impl Snapshot {
                         ..here()
                     }),
                 }
+                let pooled = spec
+                    .plugins
+                    .get(used.value.name.as_str())
+                    .is_some_and(|p| p.value.isolation == Isolation::Pooled);
+                let max_idle = MAX_IDLE_PER_USE.min(plugin.budget().instances) as usize;
                 chain.push(ChainLink {
                     plugin: plugin.clone(),
                     config,
                     on_failure: used.value.on_failure,
+                    pool: pooled.then(|| Arc::new(InstancePool::new(max_idle))),
                 });
             }
             let Some(upstream) = upstreams.get(route.upstream.as_str()) else {

@@ -13,7 +13,9 @@ use http::{HeaderValue, Method};
 use wasmgate::manifest::MatchSpec;
 use wasmgate::metrics::Metrics;
 use wasmgate::router::{RouteMatch, RouterBuilder};
-use wasmgate::runtime::{Decision, Exchange, LoadSession, PluginBudget, Runtime};
+use wasmgate::runtime::{
+    Decision, Exchange, InstancePool, Lease, LoadSession, PluginBudget, Runtime,
+};
 
 fn budget() -> PluginBudget {
     PluginBudget {
@@ -93,7 +95,109 @@ fn plugin_invocation(c: &mut Criterion) {
         })
     });
     group.bench_function("exchange construction alone", |b| b.iter(exchange));
+
+    // isolation: pooled, as the proxy does it: take a configured instance from the pool, run the
+    // request phase, give it back.
+    let pool = Arc::new(InstancePool::new(8));
+    group.bench_function("pooled: acquire + on_request + release", |b| {
+        b.iter(|| {
+            tokio.block_on(async {
+                let mut lease = Lease::acquire(&plugin, "null", Some(&pool)).await.unwrap();
+                let (exchange, decision) = lease.on_request(exchange()).await;
+                assert!(matches!(decision, Ok(Decision::Continue)));
+                exchange
+            })
+        })
+    });
     group.finish();
+}
+
+/// The three-plugin chain of the load benchmark (api-key, header-rewrite, access-log), pooled:
+/// request phase in order, response phase in reverse, access-log's completion phase.
+fn three_plugin_chain(c: &mut Criterion) {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runtime = Runtime::new().unwrap();
+    let metrics = Metrics::new();
+    let load = |name: &str, stem: &str| {
+        runtime
+            .load(
+                name,
+                &wasmgate_tests::plugin(stem),
+                None,
+                budget(),
+                &mut LoadSession::default(),
+                metrics.plugin(name),
+            )
+            .unwrap()
+    };
+    // sha256("bench-key")
+    let key_config = r#"{"keys":[{"consumer":"bench","sha256":"b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7"}]}"#;
+    let chain = [
+        (load("api-key", "api_key"), key_config.to_string()),
+        (
+            load("header-rewrite", "header_rewrite"),
+            r#"{"request":{"set":{"x-gateway":"wasmgate"}},"response":{"set":{"x-served-by":"wasmgate"}}}"#.to_string(),
+        ),
+        (load("access-log", "access_log"), "null".to_string()),
+    ];
+    let pools: Vec<Arc<InstancePool>> = (0..3).map(|_| Arc::new(InstancePool::new(8))).collect();
+    let key = "bench-key";
+    let (parts, ()) = http::Request::get("/users/42")
+        .header("x-api-key", key)
+        .header("user-agent", "bench")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    let route: Arc<str> = Arc::from("bench");
+    let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+
+    // Check once that the chain lets the request through, so the bench measures the real path.
+    let run = || async {
+        let mut exchange = Box::new(Exchange::new(
+            parts.clone(),
+            client,
+            route.clone(),
+            id.clone(),
+        ));
+        let mut leases = Vec::with_capacity(3);
+        for ((plugin, config), pool) in chain.iter().zip(&pools) {
+            let mut lease = Lease::acquire(plugin, config, Some(pool)).await.unwrap();
+            let (returned, decision) = lease.on_request(exchange).await;
+            exchange = returned;
+            match decision {
+                Ok(Decision::Continue) => leases.push(lease),
+                other => panic!("the chain refused the request: {other:?}"),
+            }
+        }
+        exchange.response = Some(response.clone());
+        for lease in leases.iter_mut().rev() {
+            let (returned, outcome) = lease.on_response(exchange).await;
+            exchange = returned;
+            outcome.unwrap();
+        }
+        for lease in leases.iter_mut().rev().filter(|l| l.wants_complete()) {
+            let (returned, outcome) = lease.on_complete(exchange).await;
+            exchange = returned;
+            outcome.unwrap();
+        }
+        exchange
+    };
+    tokio.block_on(run());
+    c.bench_function(
+        "chain/api-key + header-rewrite + access-log, pooled, all phases",
+        |b| b.iter(|| tokio.block_on(run())),
+    );
 }
 
 fn route_matching(c: &mut Criterion) {
@@ -120,5 +224,10 @@ fn route_matching(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, plugin_invocation, route_matching);
+criterion_group!(
+    benches,
+    plugin_invocation,
+    three_plugin_chain,
+    route_matching
+);
 criterion_main!(benches);

@@ -352,6 +352,7 @@ impl LoadedPlugin {
             store,
             world,
             poisoned: false,
+            in_call: false,
             auth: false,
             wants_complete: false,
             _slot: slot,
@@ -439,9 +440,120 @@ pub struct PluginInstance {
     world: PluginWorld,
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
+    /// Between `begin` and `finish`: a call whose future was dropped (the client went away)
+    /// left the guest mid-call, so the instance must not be reused.
+    in_call: bool,
     auth: bool,
     wants_complete: bool,
     _slot: InstanceSlot,
+}
+
+impl PluginInstance {
+    /// Whether the instance can serve another request: no call failed or was cut off.
+    fn reusable(&self) -> bool {
+        !self.poisoned && !self.in_call
+    }
+}
+
+/// Configured instances of one plugin use, kept between requests when the plugin's isolation is
+/// `pooled`: a request then skips instantiation and `configure`, at the price of the plugin's
+/// globals living on from one request to the next.
+pub struct InstancePool {
+    idle: std::sync::Mutex<Vec<PluginInstance>>,
+    max_idle: usize,
+}
+
+impl fmt::Debug for InstancePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstancePool")
+            .field("max_idle", &self.max_idle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InstancePool {
+    /// A pool keeping at most `max_idle` idle instances.
+    pub fn new(max_idle: usize) -> InstancePool {
+        InstancePool {
+            idle: std::sync::Mutex::new(Vec::with_capacity(max_idle)),
+            max_idle,
+        }
+    }
+
+    /// Instances idle now.
+    pub fn idle(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PluginInstance>> {
+        // Pushing and popping leave the vector consistent whatever panics elsewhere.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// An instance lent to one request; with a pool, it goes back when the lease ends, unless a call
+/// failed or was cut off.
+pub struct Lease {
+    instance: Option<PluginInstance>,
+    pool: Option<Arc<InstancePool>>,
+}
+
+impl Lease {
+    /// Takes an idle instance from `pool`, or starts and configures a new one.
+    pub async fn acquire(
+        plugin: &LoadedPlugin,
+        config: &str,
+        pool: Option<&Arc<InstancePool>>,
+    ) -> Result<Lease, PluginError> {
+        if let Some(pool) = pool {
+            // Bind first: the guard must be gone before the `await` below.
+            let idle = pool.lock().pop();
+            if let Some(instance) = idle {
+                return Ok(Lease {
+                    instance: Some(instance),
+                    pool: Some(pool.clone()),
+                });
+            }
+        }
+        let instance = plugin.instantiate(config).await?;
+        Ok(Lease {
+            instance: Some(instance),
+            pool: pool.cloned(),
+        })
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = PluginInstance;
+
+    fn deref(&self) -> &PluginInstance {
+        self.instance
+            .as_ref()
+            .expect("present until the lease ends")
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut PluginInstance {
+        self.instance
+            .as_mut()
+            .expect("present until the lease ends")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let (Some(instance), Some(pool)) = (self.instance.take(), &self.pool)
+            && instance.reusable()
+        {
+            let mut idle = pool.lock();
+            if idle.len() < pool.max_idle {
+                idle.push(instance);
+            }
+        }
+    }
 }
 
 /// What a plugin's request phase decided.
@@ -559,11 +671,13 @@ impl PluginInstance {
             mark.store(0, Ordering::Relaxed);
         }
         self.store.set_epoch_deadline(1);
+        self.in_call = true;
         Ok(())
     }
 
     /// Ends a call: a failure poisons the instance and is classified.
     fn finish<R>(&mut self, phase: Phase, outcome: wasmtime::Result<R>) -> Result<R, PluginError> {
+        self.in_call = false;
         outcome.map_err(|err| {
             self.poisoned = true;
             classify(&mut self.store, phase, err)
