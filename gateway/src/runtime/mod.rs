@@ -92,7 +92,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
     compiled: cache::MemoryCache,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 impl fmt::Debug for Runtime {
@@ -131,7 +131,7 @@ impl Runtime {
             engine,
             linker,
             compiled: cache::MemoryCache::default(),
-            _ticker: ticker,
+            ticker,
         })
     }
 
@@ -200,6 +200,7 @@ impl Runtime {
             live: Arc::new(AtomicU32::new(0)),
             failures: FailureCounters::default(),
             metrics,
+            ticker: self.ticker.shared.clone(),
         })
     }
 }
@@ -274,6 +275,7 @@ pub struct LoadedPlugin {
     live: Arc<AtomicU32>,
     failures: FailureCounters,
     metrics: PluginMetrics,
+    ticker: Arc<TickerState>,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -344,7 +346,11 @@ impl LoadedPlugin {
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(on_epoch_tick);
         store.set_epoch_deadline(1);
-        let world = match self.pre.instantiate_async(&mut store).await {
+        // Start-up code runs here: the deadline must be enforceable already.
+        let ticking = Ticking::start(&self.ticker);
+        let instantiated = self.pre.instantiate_async(&mut store).await;
+        drop(ticking);
+        let world = match instantiated {
             Ok(world) => world,
             Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
         };
@@ -352,7 +358,8 @@ impl LoadedPlugin {
             store,
             world,
             poisoned: false,
-            in_call: false,
+            in_call: None,
+            ticker: self.ticker.clone(),
             auth: false,
             wants_complete: false,
             _slot: slot,
@@ -441,8 +448,9 @@ pub struct PluginInstance {
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
     /// Between `begin` and `finish`: a call whose future was dropped (the client went away)
-    /// left the guest mid-call, so the instance must not be reused.
-    in_call: bool,
+    /// left the guest mid-call, so the instance must not be reused. Keeps the epoch ticking.
+    in_call: Option<Ticking>,
+    ticker: Arc<TickerState>,
     auth: bool,
     wants_complete: bool,
     _slot: InstanceSlot,
@@ -451,7 +459,7 @@ pub struct PluginInstance {
 impl PluginInstance {
     /// Whether the instance can serve another request: no call failed or was cut off.
     fn reusable(&self) -> bool {
-        !self.poisoned && !self.in_call
+        !self.poisoned && self.in_call.is_none()
     }
 }
 
@@ -671,13 +679,13 @@ impl PluginInstance {
             mark.store(0, Ordering::Relaxed);
         }
         self.store.set_epoch_deadline(1);
-        self.in_call = true;
+        self.in_call = Some(Ticking::start(&self.ticker));
         Ok(())
     }
 
     /// Ends a call: a failure poisons the instance and is classified.
     fn finish<R>(&mut self, phase: Phase, outcome: wasmtime::Result<R>) -> Result<R, PluginError> {
-        self.in_call = false;
+        self.in_call = None;
         outcome.map_err(|err| {
             self.poisoned = true;
             classify(&mut self.store, phase, err)
@@ -813,27 +821,72 @@ impl WasiView for PluginState {
     }
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+/// Advances the engine's epoch every [`EPOCH_TICK`] while any plugin code may be running, and
+/// sleeps otherwise: an idle gateway does not wake a thousand times a second.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerState>,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+struct TickerState {
+    /// Calls and instantiations in progress.
+    active: AtomicU32,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<thread::Thread>,
+}
+
+impl TickerState {
+    fn wake(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// Keeps the epoch ticking while alive: held across every call into a plugin.
+struct Ticking(Arc<TickerState>);
+
+impl Ticking {
+    fn start(state: &Arc<TickerState>) -> Ticking {
+        if state.active.fetch_add(1, Ordering::AcqRel) == 0 {
+            state.wake();
+        }
+        Ticking(state.clone())
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> EpochTicker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerState {
+            active: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let state = shared.clone();
         let thread = thread::Builder::new()
             .name("wasmgate-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                while !state.stop.load(Ordering::Acquire) {
+                    if state.active.load(Ordering::Acquire) == 0 {
+                        // Woken by the first call to start (an unpark before this park makes
+                        // it return at once), by `drop`, or spuriously: the loop checks again.
+                        thread::park();
+                        continue;
+                    }
                     thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
                 }
             })
             .expect("spawning the epoch ticker thread");
+        let _ = shared.thread.set(thread.thread().clone());
         EpochTicker {
-            stop,
+            shared,
             thread: Some(thread),
         }
     }
@@ -841,7 +894,8 @@ impl EpochTicker {
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
