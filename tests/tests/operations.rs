@@ -114,6 +114,15 @@ async fn reloads_under_load_drop_nothing_and_never_mix_snapshots() {
     let reloads = 12;
     for n in 1..=reloads {
         tokio::time::sleep(Duration::from_millis(40)).await;
+        if n == reloads / 2 {
+            // A broken manifest in the middle of the load: refused, and nothing changes.
+            write(
+                &gateway,
+                &versioned(&upstream, n, false).replace("upstream: main\n", "upstream: gone\n"),
+            );
+            assert!(gateway.gateway().reload().await.is_err());
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
         write(&gateway, &versioned(&upstream, n, false));
         let report = gateway
             .gateway()
@@ -888,4 +897,58 @@ async fn without_tracing_traceparent_passes_unchanged_and_logs_carry_the_trace_i
         "{line}"
     );
     gateway.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_request_id() {
+    let upstream = TestUpstream::start("main").await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = wasmgate_tests::write_manifest(
+        dir.path(),
+        &format!(
+            "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: plain, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: json }} }}] }}\n",
+            upstream.url()
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&manifest)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let addr = loop {
+        let line = next_json(&mut lines).await;
+        if line["message"] == "listening" {
+            break line["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let response = send(addr, Request::get("/x").body(Full::default()).unwrap()).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let logged = loop {
+        let line = next_json(&mut lines).await;
+        if line["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("probe json saw"))
+        {
+            break line;
+        }
+    };
+    assert_eq!(logged["request_id"], response.header("x-request-id"));
+    assert_eq!(logged["route"], "plain");
+    assert_eq!(logged["level"], "INFO");
+}
+
+async fn next_json(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a log line in time")
+        .unwrap()
+        .expect("the gateway is running");
+    serde_json::from_str(&line).unwrap_or_else(|err| panic!("not a JSON line ({err}): {line}"))
 }

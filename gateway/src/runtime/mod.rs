@@ -821,6 +821,9 @@ impl WasiView for PluginState {
     }
 }
 
+/// Ticks without any plugin call in progress before the ticker parks (100 ms).
+const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
+
 /// Advances the engine's epoch every [`EPOCH_TICK`] while any plugin code may be running, and
 /// sleeps otherwise: an idle gateway does not wake a thousand times a second.
 struct EpochTicker {
@@ -872,11 +875,20 @@ impl EpochTicker {
         let thread = thread::Builder::new()
             .name("wasmgate-epoch".into())
             .spawn(move || {
+                let mut idle_ticks = 0;
                 while !state.stop.load(Ordering::Acquire) {
                     if state.active.load(Ordering::Acquire) == 0 {
+                        idle_ticks += 1;
+                    } else {
+                        idle_ticks = 0;
+                    }
+                    // Park only after a quiet spell: under load calls start and end thousands
+                    // of times a second, and parking between them would cost a wake-up each.
+                    if idle_ticks > IDLE_TICKS_BEFORE_PARKING {
                         // Woken by the first call to start (an unpark before this park makes
                         // it return at once), by `drop`, or spuriously: the loop checks again.
                         thread::park();
+                        idle_ticks = 0;
                         continue;
                     }
                     thread::sleep(EPOCH_TICK);
