@@ -952,3 +952,46 @@ async fn next_json(
         .expect("the gateway is running");
     serde_json::from_str(&line).unwrap_or_else(|err| panic!("not a JSON line ({err}): {line}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_goaway_to_http2_clients_and_finishes_their_requests() {
+    let upstream = TestUpstream::start("main").await;
+    let mut gateway = TestGateway::start(&format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nshutdown: {{ delay: 0s, drain_timeout: 10s }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ prefix: / }}, upstream: main }}\n",
+        upstream.url()
+    ))
+    .await;
+    let addr = gateway.addr;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("an h2c handshake");
+    let connection = tokio::spawn(connection);
+    let request = move |path: &str| {
+        Request::get(format!("http://{addr}{path}"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let mut first = sender.clone();
+    let in_flight = tokio::spawn(async move { first.send_request(request("/delay/800")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let drained = tokio::spawn(gateway.take().drain());
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(drained.await.unwrap(), wasmgate::Drained::Clean);
+    // GOAWAY ends the connection cleanly, and it takes no new stream.
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection closed after GOAWAY")
+        .unwrap()
+        .expect("closed without a protocol error");
+    let mut late = sender;
+    assert!(late.send_request(request("/late")).await.is_err());
+}
