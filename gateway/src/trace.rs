@@ -192,7 +192,6 @@ impl Drop for Telemetry {
 pub struct RequestTrace {
     /// The trace id in hex, for log lines; empty when the request has no trace.
     pub trace_id: Box<str>,
-    incoming: Option<TraceParent>,
     exported: Option<(Context, SdkTracer)>,
 }
 
@@ -208,7 +207,6 @@ impl RequestTrace {
             let trace_id = incoming.map(|t| t.trace_id_hex()).unwrap_or_default();
             return RequestTrace {
                 trace_id: trace_id.into(),
-                incoming,
                 exported: None,
             };
         };
@@ -231,7 +229,6 @@ impl RequestTrace {
         let trace_id = span.span_context().trace_id().to_string();
         RequestTrace {
             trace_id: trace_id.into(),
-            incoming,
             exported: Some((parent.with_span(span), tracer.clone())),
         }
     }
@@ -293,11 +290,6 @@ impl RequestTrace {
             }
             span.end();
         }
-    }
-
-    /// Whether the client sent a valid `traceparent`.
-    pub fn has_incoming(&self) -> bool {
-        self.incoming.is_some()
     }
 }
 
