@@ -18,6 +18,7 @@
 mod admin;
 pub mod body;
 pub mod cli;
+pub mod forwarded;
 pub mod manifest;
 pub mod metrics;
 pub mod proxy;

@@ -57,6 +57,11 @@ pub struct ManifestSpec {
     /// How the gateway stops on SIGTERM or SIGINT.
     #[serde(default)]
     pub shutdown: ShutdownSpec,
+    /// Addresses and networks (`10.0.0.0/8`) of proxies in front of the gateway, whose
+    /// `X-Forwarded-*` and `Forwarded` headers are believed and appended to. From any other
+    /// client those headers are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Span export over OTLP. Without it, `traceparent` passes through unchanged.
     #[serde(default)]
     pub tracing: Option<TracingSpec>,

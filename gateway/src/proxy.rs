@@ -113,6 +113,14 @@ async fn forward_routed(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    // Listeners speak plain HTTP until TLS termination exists.
+    crate::forwarded::apply(
+        &mut parts.headers,
+        &parts.uri,
+        client_addr,
+        "http",
+        &snapshot.trusted_proxies,
+    );
 
     if route.chain.is_empty() {
         let upstream_request = upstream_request(

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use http::Method;
 use tokio_util::task::TaskTracker;
 
+use crate::forwarded::TrustedProxies;
 use crate::manifest::{
     AdminSpec, FailurePolicy, Isolation, ListenerSpec, Manifest, ManifestError, ManifestErrors,
     ReloadSpec, ShutdownSpec,
@@ -102,6 +103,8 @@ pub struct Snapshot {
     pub cache: CacheStats,
     /// Metrics, completion tasks.
     pub services: Services,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: TrustedProxies,
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     routes: Vec<Route>,
     router: Router,
@@ -154,6 +157,12 @@ impl Snapshot {
                 ),
             }
         }
+
+        let trusted_proxies =
+            TrustedProxies::parse(&spec.trusted_proxies).unwrap_or_else(|message| {
+                errors.push(ManifestError::new(file, message));
+                TrustedProxies::default()
+            });
 
         let mut upstreams = BTreeMap::new();
         for (name, declared) in &spec.upstreams {
@@ -269,6 +278,7 @@ impl Snapshot {
             loaded_at: SystemTime::now(),
             cache: session.stats,
             services: services.clone(),
+            trusted_proxies,
             plugins,
             routes,
             router: router.build(),

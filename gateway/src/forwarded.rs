@@ -1,0 +1,213 @@
+//! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded` (RFC 7239).
+//!
+//! What a client says about where a request came from is believed only when the client is a
+//! configured trusted proxy (`trusted_proxies` in the manifest): then the gateway appends itself
+//! to the chain it received. From anyone else those headers are removed and replaced with what the
+//! gateway saw, so an upstream can never be told a forged client address. This runs before any
+//! plugin, so plugins see the same values the upstream will.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{FORWARDED, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The networks whose forwarding headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Parses addresses (`10.0.0.7`) and networks (`10.0.0.0/8`, `fd00::/8`).
+    pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
+        entries
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!("`{entry}` in `trusted_proxies` is not an address or a network")
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+
+    /// Whether `ip` is one of them.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Sets the forwarding headers of a request received from `peer` on a listener speaking `proto`.
+pub fn apply(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    peer: SocketAddr,
+    proto: &'static str,
+    trusted: &TrustedProxies,
+) {
+    let ip = peer.ip().to_canonical();
+    let believed = trusted.trusts(ip);
+    if !believed {
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &FORWARDED,
+        ] {
+            headers.remove(name);
+        }
+    }
+    // The host the client asked for: `Host`, or the authority of an HTTP/2 or absolute-form URI.
+    let host = headers.get(HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+
+    let ip_text = ip.to_string();
+    append(headers, &X_FORWARDED_FOR, &ip_text, ", ");
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = &host
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+
+    // RFC 7239: an IPv6 `for` is a quoted, bracketed string; `host` is quoted when it is not a
+    // plain token (a port's colon is allowed in a token, brackets are not).
+    let mut element = match ip {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        if host.bytes().all(is_token_byte) {
+            element.push_str(&format!(";host={host}"));
+        } else {
+            element.push_str(&format!(";host=\"{host}\""));
+        }
+    }
+    element.push_str(";proto=");
+    element.push_str(proto);
+    append(headers, &FORWARDED, &element, ", ");
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
+}
+
+/// Appends `value` to the header's last value (so a list stays one line), or sets it.
+fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str, separator: &str) {
+    let combined = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .chain(std::iter::once(value))
+        .collect::<Vec<_>>()
+        .join(separator);
+    match HeaderValue::try_from(combined) {
+        Ok(value) => {
+            headers.insert(name.clone(), value);
+        }
+        // A received value that cannot be extended (not visible ASCII) is dropped for ours.
+        Err(_) => {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.insert(name.clone(), value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn untrusted_clients_cannot_forge_their_address() {
+        let mut headers = request(&[
+            ("host", "api.example.com"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        let peer: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+        apply(
+            &mut headers,
+            &Uri::from_static("/x"),
+            peer,
+            "http",
+            &TrustedProxies::default(),
+        );
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "api.example.com");
+        assert_eq!(
+            headers["forwarded"],
+            "for=192.0.2.9;host=api.example.com;proto=http"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_appended_to() {
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8".into(), "::1".into()]).unwrap();
+        let mut headers = request(&[
+            ("host", "api.example.com:8443"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4;proto=https"),
+        ]);
+        let peer: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        apply(
+            &mut headers,
+            &Uri::from_static("/x"),
+            peer,
+            "http",
+            &trusted,
+        );
+        assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.1.2.3");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(
+            headers["forwarded"],
+            "for=1.2.3.4;proto=https, for=10.1.2.3;host=api.example.com:8443;proto=http"
+        );
+
+        let mut v6 = request(&[("host", "[::1]:8080")]);
+        let peer: SocketAddr = "[::1]:5000".parse().unwrap();
+        apply(&mut v6, &Uri::from_static("/x"), peer, "http", &trusted);
+        assert_eq!(
+            v6["forwarded"],
+            "for=\"[::1]\";host=\"[::1]:8080\";proto=http"
+        );
+        // An IPv4 client on a dual-stack socket is written as IPv4.
+        let mut mapped = request(&[]);
+        let peer: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+        apply(&mut mapped, &Uri::from_static("/x"), peer, "http", &trusted);
+        assert_eq!(mapped["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn bad_entries_are_refused() {
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        assert!(TrustedProxies::parse(&["proxy.example".into()]).is_err());
+    }
+}
