@@ -105,6 +105,12 @@ fn is_token_byte(b: u8) -> bool {
 
 /// Appends `value` to the header's last value (so a list stays one line), or sets it.
 fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str, separator: &str) {
+    if !headers.contains_key(name) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name.clone(), value);
+        }
+        return;
+    }
     let combined = headers
         .get_all(name)
         .iter()

@@ -139,12 +139,7 @@ impl Gateway {
         let mut listeners = Vec::new();
         let mut accept_loops = Vec::new();
         for spec in &listener_specs {
-            let listener = bind(&spec.name, spec.bind).await?;
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                name: spec.name.clone(),
-                addr: spec.bind,
-                source,
-            })?;
+            let (listener, addr) = bind(&spec.name, spec.bind).await?;
             tracing::info!(listener = %spec.name, %addr, "listening");
             listeners.push((spec.name.clone(), addr));
             accept_loops.push(tokio::spawn(accept_loop(
@@ -155,12 +150,7 @@ impl Gateway {
         }
         let admin = match &admin_spec {
             Some(spec) => {
-                let listener = bind("admin", spec.bind).await?;
-                let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                    name: "admin".into(),
-                    addr: spec.bind,
-                    source,
-                })?;
+                let (listener, addr) = bind("admin", spec.bind).await?;
                 if !addr.ip().is_loopback() {
                     tracing::warn!(%addr, "the admin listener is not on loopback: anyone who reaches it can reload the gateway");
                 }
@@ -351,14 +341,16 @@ impl Signals {
     }
 }
 
-async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            name: name.to_string(),
-            addr,
-            source,
-        })
+/// Binds a listener and returns it with the address it got (port 0 picks one).
+async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// State shared by every connection, the admin listener and the reloader.

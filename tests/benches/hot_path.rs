@@ -14,7 +14,7 @@ use wasmgate::manifest::MatchSpec;
 use wasmgate::metrics::Metrics;
 use wasmgate::router::{RouteMatch, RouterBuilder};
 use wasmgate::runtime::{
-    Decision, Exchange, InstancePool, Lease, LoadSession, PluginBudget, Runtime,
+    Decision, Exchange, InstancePool, Lease, LoadSession, LoadedPlugin, PluginBudget, Runtime,
 };
 
 fn budget() -> PluginBudget {
@@ -31,23 +31,27 @@ fn budget() -> PluginBudget {
     }
 }
 
+/// Loads a built plugin by its file stem, as a manifest load would.
+fn load(runtime: &Runtime, metrics: &Metrics, name: &str, stem: &str) -> LoadedPlugin {
+    runtime
+        .load(
+            name,
+            &wasmgate_tests::plugin(stem),
+            None,
+            budget(),
+            &mut LoadSession::default(),
+            metrics.plugin(name),
+        )
+        .unwrap()
+}
+
 fn plugin_invocation(c: &mut Criterion) {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let runtime = Runtime::new().unwrap();
-    let path = wasmgate_tests::plugin("bench_plugin");
-    let plugin = runtime
-        .load(
-            "bench",
-            &path,
-            None,
-            budget(),
-            &mut LoadSession::default(),
-            Metrics::new().plugin("bench"),
-        )
-        .unwrap();
+    let plugin = load(&runtime, &Metrics::new(), "bench", "bench_plugin");
     let (parts, ()) = http::Request::get("/users/42")
         .header("x-a", "alpha")
         .header("x-b", "beta")
@@ -121,18 +125,7 @@ fn three_plugin_chain(c: &mut Criterion) {
         .unwrap();
     let runtime = Runtime::new().unwrap();
     let metrics = Metrics::new();
-    let load = |name: &str, stem: &str| {
-        runtime
-            .load(
-                name,
-                &wasmgate_tests::plugin(stem),
-                None,
-                budget(),
-                &mut LoadSession::default(),
-                metrics.plugin(name),
-            )
-            .unwrap()
-    };
+    let load = |name: &str, stem: &str| load(&runtime, &metrics, name, stem);
     // sha256("bench-key")
     let key_config = r#"{"keys":[{"consumer":"bench","sha256":"b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7"}]}"#;
     let chain = [
