@@ -22,6 +22,33 @@ pub fn streamed(incoming: Incoming) -> ProxyBody {
     Either::Left(incoming)
 }
 
+/// Why a body stopped with an error. Request bodies are polled by the upstream client, so this
+/// type is how the proxy tells, from the client's error chain, that the fault was the
+/// downstream client's (400, 413) rather than the upstream's (502).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The peer's body could not be read: reset, bad chunked framing, shorter than declared.
+    #[error("body read failed: {0}")]
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// More bytes than the body may have.
+    #[error("body larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+impl BodyError {
+    /// The first `BodyError` in an error's source chain.
+    pub fn find<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyError> {
+        let mut current = Some(err);
+        while let Some(err) = current {
+            if let Some(found) = err.downcast_ref::<BodyError>() {
+                return Some(found);
+            }
+            current = err.source();
+        }
+        None
+    }
+}
+
 /// What to run once a body has ended: the bytes it sent, and whether it ended normally.
 pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
 
@@ -32,6 +59,7 @@ pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
 pub struct TrackedBody {
     inner: ProxyBody,
     sent: u64,
+    limit: u64,
     counter: Option<Arc<AtomicU64>>,
     on_end: Option<OnEnd>,
 }
@@ -57,6 +85,12 @@ impl TrackedBody {
         body
     }
 
+    /// Fails the body once it has sent more than `limit` data bytes.
+    pub fn limited(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
+    }
+
     fn end(&mut self, completed: bool) {
         if let Some(on_end) = self.on_end.take() {
             on_end(self.sent, completed);
@@ -69,6 +103,7 @@ impl From<ProxyBody> for TrackedBody {
         TrackedBody {
             inner,
             sent: 0,
+            limit: u64::MAX,
             counter: None,
             on_end: None,
         }
@@ -77,7 +112,7 @@ impl From<ProxyBody> for TrackedBody {
 
 impl http_body::Body for TrackedBody {
     type Data = Bytes;
-    type Error = <ProxyBody as http_body::Body>::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
@@ -87,20 +122,30 @@ impl http_body::Body for TrackedBody {
         // Every field is `Unpin`, so the body can be used through a plain `&mut`.
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
+                    if this.sent > this.limit {
+                        this.end(false);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
+                    }
                     if let Some(counter) = &this.counter {
                         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(_))) => this.end(false),
-            Poll::Ready(None) => this.end(true),
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(err))) => {
+                this.end(false);
+                Poll::Ready(Some(Err(BodyError::Read(err))))
+            }
+            Poll::Ready(None) => {
+                this.end(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -16,11 +16,14 @@
 //! request path and swaps it in whole; [`metrics`] outlive every snapshot.
 
 mod admin;
+pub mod admission;
 pub mod body;
 pub mod cli;
 pub mod forwarded;
+mod listener;
 pub mod manifest;
 pub mod metrics;
+pub mod normalize;
 pub mod proxy;
 mod reload;
 pub mod request_id;

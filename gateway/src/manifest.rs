@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+pub use crate::normalize::{Ambiguous, PathRules};
+
 /// The only manifest version this gateway reads.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -38,6 +40,9 @@ pub struct ManifestSpec {
     /// Defaults for the budgets of every plugin; a plugin declaration may override them.
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// How client requests are read and checked: path normalisation, size limits, timeouts.
+    #[serde(default)]
+    pub http: HttpSpec,
     /// Plugins, declared once by name and used by any number of routes.
     #[serde(default)]
     pub plugins: BTreeMap<String, Spanned<PluginSpec>>,
@@ -158,6 +163,19 @@ pub struct ListenerSpec {
     pub name: String,
     /// Address to bind, e.g. `127.0.0.1:8080` (port 0 picks a free port).
     pub bind: SocketAddr,
+    /// Terminate TLS on this listener (HTTP/2 and HTTP/1.1 offered by ALPN).
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+/// A listener's certificate and key, PEM files relative to the manifest's folder.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Global defaults for plugin budgets and request handling.
@@ -196,6 +214,64 @@ impl Default for LimitsSpec {
             plugin_header_value: ByteSize(8 << 10),
             plugin_log_line: ByteSize(8 << 10),
             max_body: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// How client requests are read and checked before routing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSpec {
+    /// Merge runs of `/` in paths (`//admin` is `/admin`).
+    pub merge_slashes: bool,
+    /// `%2F` in a path: `reject` (400) or `keep` (as an escape, not a separator).
+    pub encoded_slashes: Ambiguous,
+    /// `\` or `%5C` in a path: `reject` (400) or `keep` (as an escape).
+    pub backslashes: Ambiguous,
+    /// Longest request target (path and query); longer gets 414.
+    pub max_uri_length: ByteSize,
+    /// Most request header fields; more gets 431.
+    pub max_headers: u32,
+    /// Most bytes of request header names and values together; more gets 431.
+    pub max_header_bytes: ByteSize,
+    /// Largest request body; larger gets 413, before the upstream is contacted when
+    /// `Content-Length` says so, and as soon as the limit is passed otherwise.
+    pub max_request_body: ByteSize,
+    /// Longest wait for a whole request head on an HTTP/1.1 connection, counted from the
+    /// connection opening or the previous response: it also bounds keep-alive idle time there.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed (HTTP/2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most concurrent streams on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for HttpSpec {
+    fn default() -> Self {
+        HttpSpec {
+            merge_slashes: true,
+            encoded_slashes: Ambiguous::Reject,
+            backslashes: Ambiguous::Reject,
+            max_uri_length: ByteSize(8 << 10),
+            max_headers: 100,
+            max_header_bytes: ByteSize(32 << 10),
+            max_request_body: ByteSize(16 << 20),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+impl HttpSpec {
+    /// The path normalisation rules.
+    pub fn path_rules(&self) -> PathRules {
+        PathRules {
+            merge_slashes: self.merge_slashes,
+            encoded_slashes: self.encoded_slashes,
+            backslashes: self.backslashes,
         }
     }
 }

@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
+use crate::body::{BodyError, OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
@@ -34,11 +34,20 @@ use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
 use crate::upstream::Target;
 
+/// The client end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS: `X-Forwarded-Proto` and `Forwarded` say `https`.
+    pub secure: bool,
+}
+
 /// Answers one client request with the given snapshot.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
     request: Request<Incoming>,
-    client_addr: SocketAddr,
+    peer: Peer,
 ) -> Response<ResponseBody> {
     let ids = RequestIds {
         request_id: request_id::for_request(request.headers()),
@@ -48,7 +57,7 @@ pub async fn handle(
             request.method(),
         ),
     };
-    let mut response = route_and_forward(&snapshot, request, client_addr, &ids).await;
+    let mut response = route_and_forward(&snapshot, request, peer, &ids).await;
     ids.trace.finish(response.status());
     response
         .headers_mut()
@@ -70,11 +79,24 @@ impl RequestIds {
 
 async fn route_and_forward(
     snapshot: &Snapshot,
-    request: Request<Incoming>,
-    client_addr: SocketAddr,
+    mut request: Request<Incoming>,
+    peer: Peer,
     ids: &RequestIds,
 ) -> Response<ResponseBody> {
     let received = Instant::now();
+    if let Err(refusal) = crate::admission::admit(&mut request, &snapshot.http) {
+        tracing::debug!(
+            status = refusal.status.as_u16(),
+            reason = refusal.reason,
+            request_id = ids.request_id(),
+            "request refused before routing"
+        );
+        snapshot
+            .services
+            .metrics
+            .unrouted(request.method(), refusal.status);
+        return gateway_error(refusal.status, refusal.reason).map(Into::into);
+    }
     let host = request_host(&request);
     let route = match snapshot.route(host, request.uri().path(), request.method()) {
         Ok(route) => route,
@@ -91,7 +113,7 @@ async fn route_and_forward(
     };
     let method = request.method().clone();
     ids.trace.routed(&method, &route.name, ids.request_id());
-    let response = forward_routed(snapshot, route, request, client_addr, ids, received).await;
+    let response = forward_routed(snapshot, route, request, peer, ids, received).await;
     route
         .metrics
         .answered(&method, response.status(), received.elapsed());
@@ -102,60 +124,77 @@ async fn forward_routed(
     snapshot: &Snapshot,
     route: &Route,
     request: Request<Incoming>,
-    client_addr: SocketAddr,
+    peer: Peer,
     ids: &RequestIds,
     received: Instant,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
+    let upgrade = Upgrade::take(&mut parts);
     // Done before any plugin runs, so that `Connection` can only ever name the client's own
     // hop-by-hop headers, never one a plugin or the gateway adds later.
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), ids.request_id.clone());
-    // Listeners speak plain HTTP until TLS termination exists.
     crate::forwarded::apply(
         &mut parts.headers,
         &parts.uri,
-        client_addr,
-        "http",
+        peer.addr,
+        if peer.secure { "https" } else { "http" },
         &snapshot.trusted_proxies,
     );
 
+    let body_limit = snapshot.http.max_request_body.0;
     if route.chain.is_empty() {
         let upstream_request = upstream_request(
             route,
             &parts.method,
             &parts.uri,
             parts.headers,
-            streamed(body).into(),
+            UpstreamBody::from(streamed(body)).limited(body_limit),
         );
-        return forward(route, upstream_request, ids).await.map(Into::into);
+        return forward(route, upstream_request, upgrade, ids)
+            .await
+            .map(Into::into);
     }
-    let mut exchange = Exchange::new(
-        parts,
-        client_addr,
-        route.name.clone(),
-        ids.request_id.clone(),
-    );
+    let mut exchange = Exchange::new(parts, peer.addr, route.name.clone(), ids.request_id.clone());
     if !ids.trace.trace_id.is_empty() {
         exchange.trace_id = ids.trace.trace_id.clone();
     }
-    run_chain(snapshot, route, Box::new(exchange), body, received, ids).await
+    let request = ClientRequest {
+        exchange: Box::new(exchange),
+        body,
+        upgrade,
+        received,
+    };
+    run_chain(snapshot, route, request, ids).await
+}
+
+/// A routed request on its way into the chain.
+struct ClientRequest {
+    exchange: Box<Exchange>,
+    body: Incoming,
+    upgrade: Option<Upgrade>,
+    received: Instant,
 }
 
 async fn run_chain(
     snapshot: &Snapshot,
     route: &Route,
-    mut exchange: Box<Exchange>,
-    body: Incoming,
-    received: Instant,
+    request: ClientRequest,
     ids: &RequestIds,
 ) -> Response<ResponseBody> {
+    let ClientRequest {
+        mut exchange,
+        body,
+        upgrade,
+        received,
+    } = request;
     let mut body = Some(body);
     if route.buffer_body {
         let incoming = body.take().expect("body not taken yet");
-        match buffer_body(&exchange.request.headers, incoming, snapshot.max_body).await {
+        let max = snapshot.max_body.min(snapshot.http.max_request_body.0);
+        match buffer_body(&exchange.request.headers, incoming, max).await {
             Ok(bytes) => exchange.body = Some(bytes),
             Err(response) => return response.map(Into::into),
         }
@@ -219,7 +258,8 @@ async fn run_chain(
                 UpstreamBody::counted(upstream_body, counter)
             } else {
                 upstream_body.into()
-            };
+            }
+            .limited(snapshot.http.max_request_body.0);
             let head = &exchange.request;
             let (mut upstream_request, target) = upstream_request(
                 route,
@@ -233,7 +273,7 @@ async fn run_chain(
                 upstream_request.headers_mut().remove(CONTENT_LENGTH);
             }
             let sent = Instant::now();
-            let response = forward(route, (upstream_request, target), ids).await;
+            let response = forward(route, (upstream_request, target), upgrade, ids).await;
             exchange
                 .properties
                 .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
@@ -600,8 +640,14 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
 async fn forward(
     route: &Route,
     (mut request, target): (Request<UpstreamBody>, &Target),
+    upgrade: Option<Upgrade>,
     ids: &RequestIds,
 ) -> Response<ProxyBody> {
+    if let Some(upgrade) = &upgrade {
+        let headers = request.headers_mut();
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, upgrade.protocol.clone());
+    }
     let upstream = &route.upstream;
     let authority = target.authority.as_str();
     let mut span = ids
@@ -612,15 +658,48 @@ async fn forward(
     target.duration.observe(sent.elapsed().as_secs_f64());
     let (request_id, trace_id) = (ids.request_id(), &*ids.trace.trace_id);
     let (status, reason) = match outcome {
-        Ok(Ok(response)) => {
+        Ok(Ok(mut response)) => {
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let upstream_side = switching.then(|| hyper::upgrade::on(&mut response));
             let (mut parts, body) = response.into_parts();
+            let protocol = parts.headers.get(UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
-            return Response::from_parts(parts, streamed(body));
+            match (upstream_side, upgrade, protocol) {
+                (None, _, _) => return Response::from_parts(parts, streamed(body)),
+                (Some(upstream_side), Some(upgrade), Some(protocol)) => {
+                    parts
+                        .headers
+                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(UPGRADE, protocol);
+                    tokio::spawn(tunnel(upgrade.client, upstream_side));
+                    return Response::from_parts(parts, full(Bytes::new()));
+                }
+                _ => {
+                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, "upstream switched protocols without an upgrade to switch to");
+                    (StatusCode::BAD_GATEWAY, "upstream unavailable")
+                }
+            }
         }
-        Ok(Err(err)) => {
-            tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, error = %error_chain(&err), "upstream request failed");
-            (StatusCode::BAD_GATEWAY, "upstream unavailable")
-        }
+        // The request body is read from the client while it is sent: a fault there is the
+        // client's.
+        Ok(Err(err)) => match BodyError::find(&err) {
+            Some(BodyError::TooLarge(_)) => {
+                tracing::debug!(
+                    route = &*route.name,
+                    request_id,
+                    "request body over the limit"
+                );
+                (StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            }
+            Some(BodyError::Read(cause)) => {
+                tracing::debug!(route = &*route.name, request_id, error = %cause, "client body read failed");
+                (StatusCode::BAD_REQUEST, "request body could not be read")
+            }
+            None => {
+                tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, error = %error_chain(&err), "upstream request failed");
+                (StatusCode::BAD_GATEWAY, "upstream unavailable")
+            }
+        },
         Err(_) => {
             tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?route.timeout, "upstream timed out");
             (StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
@@ -630,6 +709,54 @@ async fn forward(
         span.fail(reason);
     }
     gateway_error(status, reason)
+}
+
+/// An HTTP/1.1 upgrade (WebSocket and the like) the client asked for: passed upstream once the
+/// request phase has let the request through, and tunnelled when the upstream agrees (101).
+struct Upgrade {
+    /// The `Upgrade` header's value.
+    protocol: HeaderValue,
+    /// The client's side of the connection, once the 101 has been sent.
+    client: hyper::upgrade::OnUpgrade,
+}
+
+impl Upgrade {
+    /// Takes the upgrade out of a request that asks for one (`Connection: upgrade` and
+    /// `Upgrade`), before hop-by-hop headers are stripped.
+    fn take(parts: &mut http::request::Parts) -> Option<Upgrade> {
+        if parts.version != Version::HTTP_11 {
+            return None;
+        }
+        let asks = parts
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        if !asks {
+            return None;
+        }
+        let protocol = parts.headers.get(UPGRADE)?.clone();
+        let client = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some(Upgrade { protocol, client })
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %err, "upgraded connection ended with an error");
+    }
 }
 
 /// A plugin invocation's span name.
@@ -671,7 +798,8 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
-/// Removes hop-by-hop headers. `Upgrade` goes too until upgrades are proxied.
+/// Removes hop-by-hop headers, `Upgrade` among them: an upgrade is passed on explicitly, only
+/// once the request phase has allowed it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers

@@ -6,7 +6,6 @@
 //! swaps it in) can never make a request run part of its chain on one manifest and part on
 //! another.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,15 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::listener::{Connections, accept_loop, tls_acceptor};
 use crate::manifest::{
     AdminSpec, ListenerSpec, Manifest, ManifestError, ManifestErrors, TracingSpec,
 };
@@ -68,7 +64,7 @@ pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     stop_accepting: watch::Sender<bool>,
-    accept_loops: Vec<JoinHandle<GracefulShutdown>>,
+    accept_loops: Vec<JoinHandle<Connections>>,
     /// Dropping it stops watching the manifest's folder.
     _watcher: Option<crate::reload::FolderWatcher>,
 }
@@ -139,11 +135,21 @@ impl Gateway {
         let mut listeners = Vec::new();
         let mut accept_loops = Vec::new();
         for spec in &listener_specs {
+            let tls = match &spec.tls {
+                Some(tls) => Some(tls_acceptor(tls, manifest.base_dir()).map_err(|message| {
+                    ManifestErrors(vec![ManifestError::new(
+                        manifest_path,
+                        format!("listener `{}`: {message}", spec.name),
+                    )])
+                })?),
+                None => None,
+            };
             let (listener, addr) = bind(&spec.name, spec.bind).await?;
-            tracing::info!(listener = %spec.name, %addr, "listening");
+            tracing::info!(listener = %spec.name, %addr, tls = tls.is_some(), "listening");
             listeners.push((spec.name.clone(), addr));
             accept_loops.push(tokio::spawn(accept_loop(
                 listener,
+                tls,
                 shared.clone(),
                 stop_accepting.subscribe(),
             )));
@@ -245,8 +251,8 @@ impl Gateway {
         let drain = async {
             let mut closing = Vec::new();
             for task in self.accept_loops {
-                if let Ok(graceful) = task.await {
-                    closing.push(graceful.shutdown());
+                if let Ok(connections) = task.await {
+                    closing.push(connections.close());
                 }
             }
             for connections in closing {
@@ -495,52 +501,5 @@ impl Shared {
         } else {
             Err(ManifestErrors(errors))
         }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) -> GracefulShutdown {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Without a timer this does nothing; with it, slow-header clients are cut off.
-        .header_read_timeout(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, client_addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return graceful,
-        };
-        let _ = stream.set_nodelay(true);
-        let open = shared.services.metrics.connection();
-        let shared = shared.clone();
-        let service = service_fn(move |request| {
-            let snapshot = shared.snapshot.load_full();
-            async move {
-                Ok::<_, Infallible>(crate::proxy::handle(snapshot, request, client_addr).await)
-            }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%client_addr, error = %err, "connection ended with an error");
-            }
-            drop(open);
-        });
     }
 }

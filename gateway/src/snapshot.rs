@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::forwarded::TrustedProxies;
 use crate::manifest::{
-    AdminSpec, FailurePolicy, Isolation, ListenerSpec, Manifest, ManifestError, ManifestErrors,
-    ReloadSpec, ShutdownSpec,
+    AdminSpec, FailurePolicy, HttpSpec, Isolation, ListenerSpec, Manifest, ManifestError,
+    ManifestErrors, ReloadSpec, ShutdownSpec,
 };
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
@@ -86,6 +86,9 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerSpec>,
     /// Largest body buffered for plugins.
     pub max_body: u64,
+    /// How client requests are read and checked. An `Arc`, so that connections can tell cheaply
+    /// whether a reload changed it.
+    pub http: Arc<HttpSpec>,
     /// Problems that do not stop the manifest from loading, such as an auth plugin set to fail
     /// open.
     pub warnings: Vec<ManifestError>,
@@ -270,6 +273,7 @@ impl Snapshot {
         Ok(Snapshot {
             listeners: spec.listeners.iter().map(|l| l.value.clone()).collect(),
             max_body: spec.limits.max_body.0,
+            http: Arc::new(spec.http.clone()),
             warnings,
             admin: spec.admin.as_ref().map(|a| a.value.clone()),
             reload: spec.reload.clone(),

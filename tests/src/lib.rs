@@ -545,3 +545,32 @@ where
     });
     (sender, task)
 }
+
+/// Sends raw bytes on a new connection to `addr` and returns everything read back until the
+/// server closes the connection or nothing arrives for `quiet`. For requests that no HTTP
+/// client library would send.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting");
+    stream.write_all(bytes).await.expect("writing the request");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 16 << 10];
+    loop {
+        match tokio::time::timeout(quiet, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// The status code of the first response in raw HTTP/1.1 text, 0 when there is none.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,264 @@
+//! What a client request must satisfy before it is routed: size limits, unambiguous framing and
+//! host, and a normalised path.
+//!
+//! hyper already refuses most malformed HTTP/1.1 (conflicting `Content-Length` values,
+//! `Transfer-Encoding` that does not end in `chunked`, obsolete line folding, header names with
+//! spaces) and answers 431 and 414 past its own, fixed, buffer limits. What it lets through and a
+//! gateway must not is refused here: a repeated `Content-Length` (even with equal values),
+//! `Content-Length` together with `Transfer-Encoding` (hyper drops the former and reads chunked;
+//! a server behind us might not: request smuggling), `chunked` applied twice, a repeated `Host`,
+//! HTTP/1.1 without `Host`, and the configurable limits.
+
+use std::borrow::Cow;
+
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, Request, StatusCode, Uri, Version};
+
+use crate::manifest::HttpSpec;
+use crate::normalize::normalize;
+
+/// A refused request: the status and the short reason sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400, 413, 414 or 431.
+    pub status: StatusCode,
+    /// One line for the client.
+    pub reason: &'static str,
+}
+
+const fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
+    Refusal { status, reason }
+}
+
+/// Checks a request and normalises its path in place.
+pub fn admit<B>(request: &mut Request<B>, http: &HttpSpec) -> Result<(), Refusal> {
+    let uri_length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if uri_length as u64 > http.max_uri_length.0 {
+        return Err(refuse(StatusCode::URI_TOO_LONG, "request target too long"));
+    }
+    check_headers(request.headers(), http)?;
+    check_host(request)?;
+    if let Some(authority) = request.uri().authority() {
+        // RFC 9112 section 3.2.2: with an absolute-form target (and HTTP/2's `:authority`), the
+        // target's authority is the host, and `Host` is replaced by it. Routing uses it too, so
+        // a request cannot be routed by one host and reach the upstream naming another.
+        let value = Some(authority.as_str())
+            .filter(|text| !text.contains('@'))
+            .and_then(|text| http::HeaderValue::from_str(text).ok())
+            .ok_or(refuse(StatusCode::BAD_REQUEST, "invalid authority"))?;
+        request.headers_mut().insert(HOST, value);
+    }
+    check_framing(request.headers(), http)?;
+
+    let path = request.uri().path();
+    if path == "*" {
+        // `OPTIONS *` asks about the server, not a resource: no route can take it.
+        return Err(refuse(StatusCode::BAD_REQUEST, "bad path: `*`"));
+    }
+    let normal = normalize(path, http.path_rules())
+        .map_err(|bad| refuse(StatusCode::BAD_REQUEST, bad.reason()))?;
+    if let Cow::Owned(normal) = normal {
+        let uri =
+            with_path(request.uri(), &normal).ok_or(refuse(StatusCode::BAD_REQUEST, "bad path"))?;
+        *request.uri_mut() = uri;
+    }
+    Ok(())
+}
+
+fn check_headers(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
+    let too_large = refuse(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request headers too large",
+    );
+    if headers.len() > http.max_headers as usize {
+        return Err(too_large);
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if bytes as u64 > http.max_header_bytes.0 {
+        return Err(too_large);
+    }
+    Ok(())
+}
+
+fn check_host<B>(request: &Request<B>) -> Result<(), Refusal> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(refuse(StatusCode::BAD_REQUEST, "more than one Host header"));
+    }
+    match host {
+        Some(value) => {
+            // The router and the upstream read it as an authority: it must be one.
+            let valid = value
+                .to_str()
+                .ok()
+                .and_then(|text| text.parse::<Authority>().ok())
+                .is_some_and(|authority| !authority.as_str().contains('@'));
+            if !valid {
+                return Err(refuse(StatusCode::BAD_REQUEST, "invalid Host header"));
+            }
+        }
+        // RFC 9112 section 3.2: an HTTP/1.1 request without Host is refused. HTTP/2 clients
+        // name the host in `:authority`, which is the URI's authority here.
+        None if request.version() == Version::HTTP_11 && request.uri().authority().is_none() => {
+            return Err(refuse(StatusCode::BAD_REQUEST, "missing Host header"));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn check_framing(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let length = lengths.next();
+    if lengths.next().is_some() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "more than one Content-Length header",
+        ));
+    }
+    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(encoding) = encodings.next() {
+        if length.is_some() {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        // The only transfer coding a request may use here is a single `chunked`; hyper has
+        // already refused codings that do not end in it.
+        if encodings.next().is_some() || !encoding.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "unsupported Transfer-Encoding",
+            ));
+        }
+    }
+    if let Some(length) = length {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or(refuse(StatusCode::BAD_REQUEST, "invalid Content-Length"))?;
+        if length > http.max_request_body.0 {
+            return Err(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The URI with its path replaced and everything else kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .ok()?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(lines: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::post("/a?q=1").version(Version::HTTP_11);
+        for (name, value) in lines {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn status(lines: &[(&str, &str)]) -> Result<(), StatusCode> {
+        admit(&mut request(lines), &HttpSpec::default()).map_err(|r| r.status)
+    }
+
+    #[test]
+    fn framing_must_be_unambiguous() {
+        assert_eq!(status(&[("host", "x"), ("content-length", "4")]), Ok(()));
+        assert_eq!(
+            status(&[
+                ("host", "x"),
+                ("content-length", "4"),
+                ("content-length", "4")
+            ]),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(&[
+                ("host", "x"),
+                ("content-length", "4"),
+                ("transfer-encoding", "chunked")
+            ]),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(&[
+                ("host", "x"),
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(&[("host", "x"), ("content-length", "999999999999")]),
+            Err(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn host_must_be_single_and_valid() {
+        assert_eq!(status(&[]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            status(&[("host", "a"), ("host", "b")]),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(status(&[("host", "a b")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(status(&[("host", "u@a")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(status(&[("host", "a.example:8080")]), Ok(()));
+    }
+
+    #[test]
+    fn the_path_is_normalised_and_the_query_kept() {
+        let mut req = Request::get("/x/../%61dmin//?q=%2e")
+            .header("host", "h")
+            .body(())
+            .unwrap();
+        admit(&mut req, &HttpSpec::default()).unwrap();
+        assert_eq!(req.uri(), "/admin/?q=%2e");
+    }
+
+    #[test]
+    fn limits_give_414_and_431() {
+        let http = HttpSpec {
+            max_uri_length: crate::manifest::ByteSize(10),
+            max_headers: 3,
+            ..HttpSpec::default()
+        };
+        let mut long = Request::get("/0123456789")
+            .header("host", "h")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            admit(&mut long, &http).unwrap_err().status,
+            StatusCode::URI_TOO_LONG
+        );
+        let mut many = request(&[("host", "x"), ("a", "1"), ("b", "1"), ("c", "1")]);
+        assert_eq!(
+            admit(&mut many, &http).unwrap_err().status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
+}

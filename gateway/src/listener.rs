@@ -1,0 +1,297 @@
+//! Client connections: plain or TLS, HTTP/1.1 or HTTP/2, read with the limits and timeouts of
+//! the snapshot being served, closed when idle, and closed gracefully on drain.
+//!
+//! A connection is configured from the snapshot current when it is accepted; a reload that
+//! changes the `http` section applies to connections accepted after it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::manifest::{HttpSpec, TlsSpec};
+use crate::proxy::Peer;
+use crate::server::Shared;
+
+/// Loads a listener's certificate chain and key (PEM) and builds its TLS acceptor, which offers
+/// HTTP/2 and HTTP/1.1 by ALPN.
+pub fn tls_acceptor(spec: &TlsSpec, base_dir: &Path) -> Result<TlsAcceptor, String> {
+    let cert_path = base_dir.join(&spec.cert);
+    let key_path = base_dir.join(&spec.key);
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| {
+            format!(
+                "cannot read certificates from {}: {err}",
+                cert_path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert_path.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|err| {
+        format!(
+            "cannot read a private key from {}: {err}",
+            key_path.display()
+        )
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|err| format!("TLS setup failed: {err}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|err| {
+        format!(
+            "certificate {} and key {} do not make a usable pair: {err}",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The connections of one listener, to close them gracefully.
+pub struct Connections {
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Connections {
+    /// Asks every connection to finish: HTTP/1.1 closes after the response in flight, HTTP/2
+    /// sends GOAWAY and finishes its streams. Returns when all have closed.
+    pub async fn close(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// A connection builder for one version of the `http` section.
+struct Settings {
+    http: Arc<HttpSpec>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    fn new(http: Arc<HttpSpec>) -> Settings {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's own read buffer bounds a request head: room for the configured limits, which
+        // the proxy checks exactly (431, 414), and never below hyper's minimum.
+        let head =
+            http.max_header_bytes.0 + http.max_uri_length.0 + 4 * u64::from(http.max_headers);
+        let buffer = usize::try_from(head + 4096).unwrap_or(usize::MAX).max(8192);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // Without a timer this does nothing; with it, slow-header clients are cut off.
+            .header_read_timeout(http.header_read_timeout)
+            .max_headers(http.max_headers as usize)
+            .max_buf_size(buffer);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(http.max_concurrent_streams)
+            // h2 counts 32 bytes of overhead per field.
+            .max_header_list_size(
+                u32::try_from(head + 32 * u64::from(http.max_headers)).unwrap_or(u32::MAX),
+            );
+        Settings { http, builder }
+    }
+}
+
+/// Accepts connections until `stop_accepting` turns true; returns their handle for the drain.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop_accepting: watch::Receiver<bool>,
+) -> Connections {
+    let connections = Connections {
+        stop: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    };
+    let mut settings = Arc::new(Settings::new(shared.snapshot.load().http.clone()));
+    loop {
+        let (stream, client_addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop_accepting.changed() => return connections,
+        };
+        let _ = stream.set_nodelay(true);
+        let current = shared.snapshot.load().http.clone();
+        if !Arc::ptr_eq(&current, &settings.http) {
+            settings = Arc::new(Settings::new(current));
+        }
+        let connection = Connection {
+            shared: shared.clone(),
+            settings: settings.clone(),
+            client_addr,
+            stop: connections.stop.clone(),
+        };
+        match &tls {
+            None => {
+                connections.tracker.spawn(connection.serve(stream, false));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                connections.tracker.spawn(async move {
+                    // A handshake is held to the same bound as a request head.
+                    let limit = connection.settings.http.header_read_timeout;
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.serve(stream, true).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%client_addr, error = %err, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%client_addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One accepted connection, before it is served.
+struct Connection {
+    shared: Arc<Shared>,
+    settings: Arc<Settings>,
+    client_addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Connection {
+    async fn serve<I>(self, io: I, secure: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            shared,
+            settings,
+            client_addr,
+            stop,
+        } = self;
+        let open = shared.services.metrics.connection();
+        let activity = Arc::new(Activity::new());
+        let tracked = activity.clone();
+        let service = service_fn(move |request| {
+            let snapshot = shared.snapshot.load_full();
+            let busy = tracked.begin();
+            async move {
+                let response = crate::proxy::handle(
+                    snapshot,
+                    request,
+                    Peer {
+                        addr: client_addr,
+                        secure,
+                    },
+                )
+                .await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = settings
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let mut connection = std::pin::pin!(connection);
+        let idle_timeout = settings.http.idle_timeout;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(err) = ended {
+                        tracing::debug!(%client_addr, error = %err, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = stop.cancelled(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = activity.idle(idle_timeout), if !closing => {
+                    tracing::debug!(%client_addr, "idle connection closed");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+        drop(open);
+    }
+}
+
+/// Whether a connection has requests in progress, and since when it has had none.
+struct Activity {
+    origin: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds from `origin` to when the last request in progress ended.
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in progress for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let since = self.idle_since.load(Ordering::Relaxed);
+            let deadline = self.origin + Duration::from_millis(since) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.in_flight.load(Ordering::Relaxed) == 0
+                && self.idle_since.load(Ordering::Relaxed) == since
+            {
+                return;
+            }
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // Busy now: look again a whole timeout later rather than spin.
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    }
+}
+
+/// A request in progress on a connection.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = self.0.origin.elapsed().as_millis() as u64;
+        self.0.idle_since.store(now, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
