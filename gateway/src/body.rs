@@ -3,23 +3,88 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-/// A body that is either streamed from a peer untouched or held whole in memory (produced by the
-/// gateway or a plugin, or buffered for a plugin that reads bodies). An enum rather than a boxed
-/// trait object: no allocation per request for the common streaming case.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+/// A body that is either streamed from a peer untouched, streamed until a deadline, or held
+/// whole in memory (produced by the gateway or a plugin, or buffered for a plugin that reads
+/// bodies). An enum rather than a boxed trait object: no allocation per request for the common
+/// streaming case.
+pub enum ProxyBody {
+    /// Streamed from a peer.
+    Streamed(Incoming),
+    /// Streamed from a peer, failing if it has not ended by the deadline.
+    Timed(Incoming, Pin<Box<Sleep>>),
+    /// Held in memory.
+    Full(Full<Bytes>),
+}
 
 /// A body held in memory.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Either::Right(Full::new(bytes.into()))
+    ProxyBody::Full(Full::new(bytes.into()))
 }
 
 /// A streamed body.
 pub fn streamed(incoming: Incoming) -> ProxyBody {
-    Either::Left(incoming)
+    ProxyBody::Streamed(incoming)
+}
+
+/// A streamed body that fails once `deadline` passes before its end.
+pub fn streamed_until(incoming: Incoming, deadline: tokio::time::Instant) -> ProxyBody {
+    ProxyBody::Timed(incoming, Box::pin(tokio::time::sleep_until(deadline)))
+}
+
+/// The deadline of a [`ProxyBody::Timed`] passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the body did not end before the request deadline")]
+pub struct DeadlinePassed;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Every variant is `Unpin`.
+        match self.get_mut() {
+            ProxyBody::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Timed(incoming, deadline) => {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(DeadlinePassed.into())));
+                }
+                Pin::new(incoming).poll_frame(cx).map_err(Into::into)
+            }
+            ProxyBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Streamed(incoming) | ProxyBody::Timed(incoming, _) => {
+                incoming.is_end_stream()
+            }
+            ProxyBody::Full(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Streamed(incoming) | ProxyBody::Timed(incoming, _) => incoming.size_hint(),
+            ProxyBody::Full(full) => full.size_hint(),
+        }
+    }
 }
 
 /// Why a body stopped with an error. Request bodies are polled by the upstream client, so this
@@ -29,7 +94,7 @@ pub fn streamed(incoming: Incoming) -> ProxyBody {
 pub enum BodyError {
     /// The peer's body could not be read: reset, bad chunked framing, shorter than declared.
     #[error("body read failed: {0}")]
-    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Read(#[source] BoxError),
     /// More bytes than the body may have.
     #[error("body larger than {0} bytes")]
     TooLarge(u64),
@@ -110,7 +175,7 @@ impl From<ProxyBody> for TrackedBody {
     }
 }
 
-impl http_body::Body for TrackedBody {
+impl Body for TrackedBody {
     type Data = Bytes;
     type Error = BodyError;
 

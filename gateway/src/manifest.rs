@@ -324,14 +324,40 @@ pub enum Isolation {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
-    /// Servers that can answer; requests are spread over them in turn.
+    /// Servers that can answer.
     pub targets: Vec<TargetSpec>,
+    /// How a target is chosen for each request.
+    #[serde(default)]
+    pub balance: Balance,
     /// Longest wait for the response head after the request was sent (504 past it).
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Longest wait for a TCP connection (502 past it).
+    /// Longest time for the whole exchange, from sending the request to the response body's
+    /// end: 504 before the head; past the head, the response is cut (never shown complete).
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Longest wait for a connection (TCP and TLS) to a target (504 past it).
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How many times a failed request is tried again on another target: only idempotent
+    /// methods with no body or a buffered one, only when the failure came before any of the
+    /// response (refused, reset, closed), never after a timeout.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Ejection of a target that keeps failing.
+    #[serde(default)]
+    pub passive_health: PassiveHealthSpec,
+    /// Probes that take a target out of rotation while it fails them.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSpec>,
+    /// TLS to `https://` targets.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSpec>,
+    /// Speak HTTP/2 to the targets: with prior knowledge to `http://` ones (h2c), and requiring
+    /// it by ALPN from `https://` ones. Without it, `https://` targets may still pick HTTP/2
+    /// by ALPN.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -342,12 +368,97 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_retries() -> u32 {
+    2
+}
+
+/// How a target is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// In turn, in proportion to the targets' weights (smooth weighted round robin).
+    #[default]
+    RoundRobin,
+    /// The target with the fewest requests in progress for its weight.
+    LeastOutstanding,
+}
+
+/// Passive health: consecutive failures eject a target for a while.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealthSpec {
+    /// Consecutive failures (refused, reset, timed out) that eject a target; 0 never ejects.
+    pub failures: u32,
+    /// How long an ejected target gets no traffic; then it is tried again, and ejected again at
+    /// its next failure.
+    #[serde(with = "humantime_serde")]
+    pub ejection: Duration,
+}
+
+impl Default for PassiveHealthSpec {
+    fn default() -> Self {
+        PassiveHealthSpec {
+            failures: 5,
+            ejection: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Active health: an HTTP probe per target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// The path probed with GET; a 2xx or 3xx answer is healthy.
+    pub path: String,
+    /// Time between probes of one target.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Longest wait for a probe's answer.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failed probes that take a target out.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive passed probes that bring it back.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: u32,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+
+/// TLS to an upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// A PEM file of CA certificates to trust instead of the system's roots (relative to the
+    /// manifest's folder).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
 /// One server of an upstream.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
-    /// Base URL, `http://host:port`.
+    /// Base URL, `http://host:port` or `https://host:port`.
     pub url: String,
+    /// Its share of the traffic, 1 to 1000.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 /// A route: which requests it takes, where they go, and the chain they pass through.
@@ -364,9 +475,12 @@ pub struct RouteSpec {
     /// A prefix removed from the path before it is forwarded, e.g. `/api`.
     #[serde(default)]
     pub strip_prefix: Option<String>,
-    /// Overrides the upstream's `timeout` for this route.
+    /// Overrides the upstream's `timeout` (response head) for this route.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Overrides the upstream's `request_timeout` (whole exchange) for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
     /// The chain: request phase in this order, response phase in reverse.
     #[serde(default)]
     pub plugins: Vec<Spanned<PluginUseSpec>>,
@@ -664,12 +778,35 @@ impl Manifest {
                         .at_line(upstream.referenced.line()),
                 );
             }
+            let at = |message: String| {
+                ManifestError::new(file, format!("upstream `{name}`: {message}"))
+                    .at_line(upstream.referenced.line())
+            };
             for target in &upstream.value.targets {
                 if let Err(message) = crate::upstream::parse_target(&target.url) {
-                    errors.push(
-                        ManifestError::new(file, format!("upstream `{name}`: {message}"))
-                            .at_line(upstream.referenced.line()),
-                    );
+                    errors.push(at(message));
+                }
+                if !(1..=1000).contains(&target.weight) {
+                    errors.push(at(format!(
+                        "target `{}`: weight {} is not between 1 and 1000",
+                        target.url, target.weight
+                    )));
+                }
+            }
+            if let Some(check) = &upstream.value.health_check {
+                if !check.path.starts_with('/') {
+                    errors.push(at(format!(
+                        "health_check path `{}` must start with `/`",
+                        check.path
+                    )));
+                }
+                if check.interval.is_zero() || check.timeout.is_zero() {
+                    errors.push(at(
+                        "health_check interval and timeout must be above zero".into()
+                    ));
+                }
+                if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
+                    errors.push(at("health_check thresholds must be at least 1".into()));
                 }
             }
         }

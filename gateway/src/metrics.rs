@@ -202,14 +202,16 @@ impl Metrics {
         }
     }
 
-    /// The upstream-duration series of one target, which is also marked healthy.
-    pub fn target(&self, upstream: &str, target: &str) -> Histogram {
+    /// The upstream-duration series of one target, and its health gauge.
+    pub fn target(&self, upstream: &str, target: &str) -> (Histogram, Gauge) {
         let labels = TargetLabels {
             upstream: upstream.into(),
             target: target.into(),
         };
-        self.target_healthy.get_or_create(&labels).set(1);
-        self.upstream_duration.get_or_create_owned(&labels)
+        (
+            self.upstream_duration.get_or_create_owned(&labels),
+            self.target_healthy.get_or_create_owned(&labels),
+        )
     }
 
     /// A client connection opened; the guard closes it.

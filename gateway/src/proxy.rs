@@ -25,14 +25,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{BodyError, OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed};
+use crate::body::{
+    BodyError, OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed, streamed_until,
+};
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
 use crate::runtime::{Decision, Exchange, FailureKind, Lease, LoadedPlugin, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
-use crate::upstream::Target;
+use crate::upstream::{Target, Tried};
 
 /// The client end of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -144,18 +146,10 @@ async fn forward_routed(
         &snapshot.trusted_proxies,
     );
 
-    let body_limit = snapshot.http.max_request_body.0;
     if route.chain.is_empty() {
-        let upstream_request = upstream_request(
-            route,
-            &parts.method,
-            &parts.uri,
-            parts.headers,
-            UpstreamBody::from(streamed(body)).limited(body_limit),
-        );
-        return forward(route, upstream_request, upgrade, ids)
-            .await
-            .map(Into::into);
+        let body = OutgoingBody::from_client(body, None, snapshot.http.max_request_body.0);
+        let outgoing = Outgoing::new(route, &parts.method, &parts.uri, parts.headers, body);
+        return forward(route, outgoing, upgrade, ids).await.map(Into::into);
     }
     let mut exchange = Exchange::new(parts, peer.addr, route.name.clone(), ids.request_id.clone());
     if !ids.trace.trace_id.is_empty() {
@@ -248,32 +242,28 @@ async fn run_chain(
     let response = match answer {
         Some(response) => response,
         None => {
+            let counter = ran
+                .iter()
+                .any(|(_, instance)| instance.wants_complete())
+                .then(|| Arc::new(AtomicU64::new(0)));
+            bytes_in = counter.clone();
             let upstream_body = match exchange.body.clone() {
-                Some(buffered) => full(buffered),
-                None => streamed(body.take().expect("a streamed body is forwarded once")),
+                Some(buffered) => OutgoingBody::Replayable(buffered, counter),
+                None => OutgoingBody::from_client(
+                    body.take().expect("a streamed body is forwarded once"),
+                    counter,
+                    snapshot.http.max_request_body.0,
+                ),
             };
-            let upstream_body = if ran.iter().any(|(_, instance)| instance.wants_complete()) {
-                let counter = Arc::new(AtomicU64::new(0));
-                bytes_in = Some(counter.clone());
-                UpstreamBody::counted(upstream_body, counter)
-            } else {
-                upstream_body.into()
-            }
-            .limited(snapshot.http.max_request_body.0);
             let head = &exchange.request;
-            let (mut upstream_request, target) = upstream_request(
-                route,
-                &head.method,
-                &head.uri,
-                head.headers.clone(),
-                upstream_body,
-            );
+            let mut headers = head.headers.clone();
             if exchange.body.is_some() {
                 // A plugin may have replaced the body: let hyper frame the one we send.
-                upstream_request.headers_mut().remove(CONTENT_LENGTH);
+                headers.remove(CONTENT_LENGTH);
             }
+            let outgoing = Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
             let sent = Instant::now();
-            let response = forward(route, (upstream_request, target), upgrade, ids).await;
+            let response = forward(route, outgoing, upgrade, ids).await;
             exchange
                 .properties
                 .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
@@ -582,46 +572,106 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
-/// Builds the request sent upstream from the request as routed and as plugins left it.
-///
-/// `headers` are taken by value: the fast path (no plugins) moves the client's headers in, while a
-/// chain keeps its request for the response phase and passes a copy.
-fn upstream_request<'r>(
-    route: &'r Route,
-    method: &http::Method,
-    client_uri: &Uri,
+/// A request as it will be sent upstream, kept so that a failed attempt can be made again on
+/// another target.
+struct Outgoing {
+    method: http::Method,
+    path_and_query: http::uri::PathAndQuery,
     headers: HeaderMap,
-    body: UpstreamBody,
-) -> (Request<UpstreamBody>, &'r Target) {
-    let target = route.upstream.pick();
-    let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
-    let path_and_query = match client_uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_string(),
-    };
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(target.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .expect("scheme, checked authority and a path from a parsed URI form a valid URI");
+    body: OutgoingBody,
+}
 
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri;
-    // Upstream connections are HTTP/1.1 whatever the client spoke.
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    if !request.headers().contains_key(HOST) {
-        // HTTP/2 clients send `:authority`, not `Host`: keep the name the client used.
-        if let Some(value) = client_uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            request.headers_mut().insert(HOST, value);
+/// A request body on its way upstream.
+enum OutgoingBody {
+    /// Streamed from the client as it arrives: it can be sent once.
+    Streamed(Option<UpstreamBody>),
+    /// Known whole (empty, or buffered for plugins): it can be sent again. The counter, when
+    /// the completion phase wants it, gets the bytes sent.
+    Replayable(Bytes, Option<Arc<AtomicU64>>),
+}
+
+impl OutgoingBody {
+    /// The client's body: replayable when it is known to be empty, streamed otherwise, within
+    /// `limit` bytes.
+    fn from_client(body: Incoming, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {
+        if http_body::Body::is_end_stream(&body) {
+            return OutgoingBody::Replayable(Bytes::new(), counter);
+        }
+        let body = match counter {
+            Some(counter) => UpstreamBody::counted(streamed(body), counter),
+            None => UpstreamBody::from(streamed(body)),
+        };
+        OutgoingBody::Streamed(Some(body.limited(limit)))
+    }
+
+    /// The body for one attempt; `None` once a streamed body has been sent.
+    fn for_attempt(&mut self) -> Option<UpstreamBody> {
+        match self {
+            OutgoingBody::Streamed(body) => body.take(),
+            OutgoingBody::Replayable(bytes, counter) => Some(match counter {
+                Some(counter) => {
+                    counter.store(0, Ordering::Relaxed);
+                    UpstreamBody::counted(full(bytes.clone()), counter.clone())
+                }
+                None => UpstreamBody::from(full(bytes.clone())),
+            }),
         }
     }
-    (request, target)
+}
+
+impl Outgoing {
+    /// The request as routed and as plugins left it. `headers` are taken by value: the fast path
+    /// (no plugins) moves the client's headers in, while a chain keeps its request for the
+    /// response phase and passes a copy.
+    fn new(
+        route: &Route,
+        method: &http::Method,
+        client_uri: &Uri,
+        headers: HeaderMap,
+        body: OutgoingBody,
+    ) -> Outgoing {
+        let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
+        let path_and_query = match client_uri.query() {
+            Some(query) => http::uri::PathAndQuery::try_from(format!("{path}?{query}")),
+            None => http::uri::PathAndQuery::try_from(path.as_ref()),
+        }
+        .expect("a path and query taken from a parsed URI stay valid");
+        Outgoing {
+            method: method.clone(),
+            path_and_query,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether a failed attempt may be made again: an idempotent method whose body can be sent
+    /// again.
+    fn repeatable(&self) -> bool {
+        self.method.is_idempotent() && matches!(self.body, OutgoingBody::Replayable(..))
+    }
+
+    /// The request for one attempt on `target`; `None` when the body cannot be sent again.
+    fn attempt(&mut self, target: &Target, version: Version) -> Option<Request<UpstreamBody>> {
+        let body = self.body.for_attempt()?;
+        let uri = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .expect("scheme, checked authority and a checked path form a valid URI");
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        // Upstream connections use the upstream's version whatever the client spoke.
+        *request.version_mut() = version;
+        // Only a repeatable request is attempted twice, so the copy is made only for retries.
+        *request.headers_mut() = if self.repeatable() {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
+        Some(request)
+    }
 }
 
 /// The path sent upstream: `strip_prefix` removed on a segment boundary, never empty.
@@ -636,79 +686,177 @@ fn forwarded_path<'a>(strip_prefix: Option<&str>, path: &'a str) -> std::borrow:
     }
 }
 
-/// Sends a request upstream and maps failures to 502 and 504.
+/// How one attempt upstream went wrong.
+enum AttemptFailure {
+    /// The client's request body failed (400) or passed its limit (413): not the upstream's
+    /// fault, never retried.
+    Client(StatusCode, &'static str),
+    /// Refused, reset or closed before the response head: may be retried.
+    Transport,
+    /// No response head in time: 504, not retried (the upstream may still be working on it).
+    TimedOut,
+}
+
+/// Sends a request upstream, trying other targets as the upstream's `retries` allow, and maps
+/// failures: no target in rotation 503, refused or reset 502, timed out 504.
 async fn forward(
     route: &Route,
-    (mut request, target): (Request<UpstreamBody>, &Target),
-    upgrade: Option<Upgrade>,
+    mut outgoing: Outgoing,
+    mut upgrade: Option<Upgrade>,
     ids: &RequestIds,
 ) -> Response<ProxyBody> {
-    if let Some(upgrade) = &upgrade {
-        let headers = request.headers_mut();
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(UPGRADE, upgrade.protocol.clone());
-    }
     let upstream = &route.upstream;
-    let authority = target.authority.as_str();
-    let mut span = ids
-        .trace
-        .upstream_call(&upstream.name, authority, request.headers_mut());
-    let sent = Instant::now();
-    let outcome = tokio::time::timeout(route.timeout, upstream.client().request(request)).await;
-    target.duration.observe(sent.elapsed().as_secs_f64());
-    let (request_id, trace_id) = (ids.request_id(), &*ids.trace.trace_id);
-    let (status, reason) = match outcome {
-        Ok(Ok(mut response)) => {
-            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            let upstream_side = switching.then(|| hyper::upgrade::on(&mut response));
-            let (mut parts, body) = response.into_parts();
-            let protocol = parts.headers.get(UPGRADE).cloned();
-            strip_hop_by_hop(&mut parts.headers);
-            match (upstream_side, upgrade, protocol) {
-                (None, _, _) => return Response::from_parts(parts, streamed(body)),
-                (Some(upstream_side), Some(upgrade), Some(protocol)) => {
-                    parts
-                        .headers
-                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                    parts.headers.insert(UPGRADE, protocol);
-                    tokio::spawn(tunnel(upgrade.client, upstream_side));
-                    return Response::from_parts(parts, full(Bytes::new()));
-                }
-                _ => {
-                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, "upstream switched protocols without an upgrade to switch to");
-                    (StatusCode::BAD_GATEWAY, "upstream unavailable")
-                }
-            }
-        }
-        // The request body is read from the client while it is sent: a fault there is the
-        // client's.
-        Ok(Err(err)) => match BodyError::find(&err) {
-            Some(BodyError::TooLarge(_)) => {
-                tracing::debug!(
-                    route = &*route.name,
-                    request_id,
-                    "request body over the limit"
-                );
-                (StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-            }
-            Some(BodyError::Read(cause)) => {
-                tracing::debug!(route = &*route.name, request_id, error = %cause, "client body read failed");
-                (StatusCode::BAD_REQUEST, "request body could not be read")
-            }
-            None => {
-                tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, error = %error_chain(&err), "upstream request failed");
-                (StatusCode::BAD_GATEWAY, "upstream unavailable")
-            }
-        },
-        Err(_) => {
-            tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?route.timeout, "upstream timed out");
-            (StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
-        }
+    let deadline = route
+        .request_timeout
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let attempts = if outgoing.repeatable() && upgrade.is_none() {
+        1 + upstream.retries
+    } else {
+        1
     };
-    if let Some(span) = &mut span {
-        span.fail(reason);
+    let (request_id, trace_id) = (ids.request_id(), &*ids.trace.trace_id);
+    let mut tried = Tried::default();
+    let mut failure = None;
+    for attempt in 0..attempts {
+        let Some(index) = upstream.pick(tried) else {
+            tracing::warn!(route = &*route.name, upstream = %upstream.name, request_id, trace_id, "no upstream target in rotation");
+            return gateway_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        tried.add(index);
+        let target = upstream.target(index);
+        let Some(mut request) = outgoing.attempt(target, upstream.version) else {
+            break;
+        };
+        if let Some(upgrade) = &upgrade {
+            let headers = request.headers_mut();
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, upgrade.protocol.clone());
+        }
+        let authority = target.authority.as_str();
+        let mut span = ids
+            .trace
+            .upstream_call(&upstream.name, authority, request.headers_mut());
+        let head_wait = match deadline {
+            Some(deadline) => route
+                .timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            None => route.timeout,
+        };
+        let sent = Instant::now();
+        let outcome = {
+            let _outstanding = upstream.begin(index);
+            tokio::time::timeout(head_wait, upstream.client().request(request)).await
+        };
+        target.duration.observe(sent.elapsed().as_secs_f64());
+        let attempt_failure = match outcome {
+            Ok(Ok(response)) => {
+                upstream.succeeded(index);
+                return answer(route, response, upgrade.take(), deadline, ids, target);
+            }
+            Ok(Err(err)) => match BodyError::find(&err) {
+                Some(BodyError::TooLarge(_)) => {
+                    tracing::debug!(
+                        route = &*route.name,
+                        request_id,
+                        "request body over the limit"
+                    );
+                    AttemptFailure::Client(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                }
+                Some(BodyError::Read(cause)) => {
+                    tracing::debug!(route = &*route.name, request_id, error = %cause, "client body read failed");
+                    AttemptFailure::Client(
+                        StatusCode::BAD_REQUEST,
+                        "request body could not be read",
+                    )
+                }
+                None if is_timeout(&err) => {
+                    upstream.failed(index);
+                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&err), "upstream connect timed out");
+                    AttemptFailure::TimedOut
+                }
+                None => {
+                    upstream.failed(index);
+                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&err), "upstream request failed");
+                    AttemptFailure::Transport
+                }
+            },
+            Err(_) => {
+                upstream.failed(index);
+                tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?head_wait, "upstream timed out");
+                AttemptFailure::TimedOut
+            }
+        };
+        if let Some(span) = &mut span {
+            span.fail(match attempt_failure {
+                AttemptFailure::Client(..) => "client body failed",
+                AttemptFailure::Transport => "upstream unavailable",
+                AttemptFailure::TimedOut => "upstream timed out",
+            });
+        }
+        let retry = matches!(attempt_failure, AttemptFailure::Transport);
+        failure = Some(attempt_failure);
+        if !retry {
+            break;
+        }
     }
+    let (status, reason) = match failure {
+        Some(AttemptFailure::Client(status, reason)) => (status, reason),
+        Some(AttemptFailure::TimedOut) => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+        Some(AttemptFailure::Transport) | None => (StatusCode::BAD_GATEWAY, "upstream unavailable"),
+    };
     gateway_error(status, reason)
+}
+
+/// Whether a client error is a connect timeout (504 rather than 502).
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// Turns the upstream's response into the one for the client: hop-by-hop headers stripped,
+/// the body held to the request deadline, an agreed upgrade tunnelled.
+fn answer(
+    route: &Route,
+    mut response: Response<Incoming>,
+    upgrade: Option<Upgrade>,
+    deadline: Option<tokio::time::Instant>,
+    ids: &RequestIds,
+    target: &Target,
+) -> Response<ProxyBody> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let upstream_side = switching.then(|| hyper::upgrade::on(&mut response));
+    let (mut parts, body) = response.into_parts();
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    match (upstream_side, upgrade, protocol) {
+        (None, _, _) => {
+            let body = match deadline {
+                Some(deadline) => streamed_until(body, deadline),
+                None => streamed(body),
+            };
+            Response::from_parts(parts, body)
+        }
+        (Some(upstream_side), Some(upgrade), Some(protocol)) => {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol);
+            tokio::spawn(tunnel(upgrade.client, upstream_side));
+            Response::from_parts(parts, full(Bytes::new()))
+        }
+        _ => {
+            tracing::warn!(route = &*route.name, upstream = %route.upstream.name, target = target.authority.as_str(), request_id = ids.request_id(), trace_id = &*ids.trace.trace_id, "upstream switched protocols without an upgrade to switch to");
+            gateway_error(StatusCode::BAD_GATEWAY, "upstream unavailable")
+        }
+    }
 }
 
 /// An HTTP/1.1 upgrade (WebSocket and the like) the client asked for: passed upstream once the

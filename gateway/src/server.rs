@@ -116,6 +116,7 @@ impl Gateway {
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
+        snapshot.activate();
         let listener_specs = snapshot.listeners.clone();
         let admin_spec = snapshot.admin.clone();
         let reload_spec = snapshot.reload.clone();
@@ -395,7 +396,9 @@ impl Shared {
                     elapsed: started.elapsed(),
                     compiled: snapshot.cache.compiled,
                 };
-                self.snapshot.store(Arc::new(snapshot));
+                let snapshot = Arc::new(snapshot);
+                snapshot.activate();
+                self.snapshot.store(snapshot);
                 tracing::info!(
                     sha256 = %report.manifest_digest,
                     elapsed_ms = report.elapsed.as_millis() as u64,

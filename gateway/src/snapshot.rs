@@ -46,6 +46,8 @@ pub struct Route {
     pub strip_prefix: Option<String>,
     /// Longest wait for the upstream's response head.
     pub timeout: Duration,
+    /// Longest time for the whole upstream exchange.
+    pub request_timeout: Option<Duration>,
     /// The plugin chain, in request-phase order.
     pub chain: Vec<ChainLink>,
     /// Whether a plugin in the chain reads bodies, so bodies are buffered.
@@ -109,6 +111,7 @@ pub struct Snapshot {
     /// Proxies whose forwarding headers are believed.
     pub trusted_proxies: TrustedProxies,
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    upstreams: Vec<Arc<Upstream>>,
     routes: Vec<Route>,
     router: Router,
 }
@@ -169,7 +172,7 @@ impl Snapshot {
 
         let mut upstreams = BTreeMap::new();
         for (name, declared) in &spec.upstreams {
-            match Upstream::new(name, &declared.value, metrics) {
+            match Upstream::new(name, &declared.value, manifest.base_dir(), metrics) {
                 Ok(upstream) => {
                     upstreams.insert(name.as_str(), Arc::new(upstream));
                 }
@@ -258,6 +261,7 @@ impl Snapshot {
                 upstream: upstream.clone(),
                 strip_prefix: route.strip_prefix.clone(),
                 timeout: route.timeout.unwrap_or(upstream.timeout),
+                request_timeout: route.request_timeout.or(upstream.request_timeout),
                 buffer_body: chain.iter().any(|link| link.plugin.budget().body_access),
                 chain,
                 metrics: metrics.route(&route.name),
@@ -284,9 +288,24 @@ impl Snapshot {
             services: services.clone(),
             trusted_proxies,
             plugins,
+            upstreams: upstreams.into_values().collect(),
             routes,
             router: router.build(),
         })
+    }
+
+    /// Starts what runs beside requests while this snapshot is served: the upstreams' active
+    /// health checks. Call on the serving runtime once the snapshot is swapped in; the checks
+    /// end when the snapshot is dropped.
+    pub fn activate(&self) {
+        for upstream in &self.upstreams {
+            upstream.start_health_checks();
+        }
+    }
+
+    /// An upstream by name.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
     }
 
     /// The routes' names, in manifest order.

@@ -108,20 +108,42 @@ pub struct TestUpstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    tls: bool,
     task: JoinHandle<()>,
+    /// Every connection's task: dropping the upstream ends them too, as a dying server would.
+    connection_tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl TestUpstream {
-    /// Starts an upstream that names itself `name` in its responses.
+    /// Starts an upstream that names itself `name` in its responses. It speaks HTTP/1.1 and,
+    /// with prior knowledge, HTTP/2.
     pub async fn start(name: &'static str) -> TestUpstream {
+        TestUpstream::start_with(name, None).await
+    }
+
+    /// Like [`TestUpstream::start`], over TLS with the given server configuration.
+    pub async fn start_tls(name: &'static str, tls: tokio_rustls::TlsAcceptor) -> TestUpstream {
+        TestUpstream::start_with(name, Some(tls)).await
+    }
+
+    async fn start_with(
+        name: &'static str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding the upstream");
         let addr = listener.local_addr().expect("upstream address");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let connections: Arc<AtomicUsize> = Arc::default();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connection_tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let record = seen.clone();
         let accepted = connections.clone();
+        let health = healthy.clone();
+        let tasks = connection_tasks.clone();
+        let is_tls = tls.is_some();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -129,33 +151,66 @@ impl TestUpstream {
                 };
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let record = record.clone();
-                tokio::spawn(async move {
+                let health = health.clone();
+                let tls = tls.clone();
+                let connection = tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
                         let record = record.clone();
-                        async move { Ok::<_, Infallible>(upstream_answer(name, request, &record).await) }
+                        let healthy = health.load(Ordering::Relaxed);
+                        async move {
+                            Ok::<_, Infallible>(
+                                upstream_answer(name, request, &record, healthy).await,
+                            )
+                        }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
+                tasks.lock().unwrap().push(connection.abort_handle());
             }
         });
         TestUpstream {
             addr,
             seen,
             connections,
+            healthy,
+            tls: is_tls,
             task,
+            connection_tasks,
         }
     }
 
     /// The base URL, for a manifest.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every request seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Requests seen so far, health probes left out.
+    pub fn served(&self) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| !s.uri.starts_with("/health"))
+            .count()
     }
 
     /// How many connections it has accepted.
@@ -167,21 +222,48 @@ impl TestUpstream {
     pub fn last(&self) -> Seen {
         self.seen().pop().expect("the upstream saw a request")
     }
+
+    /// Makes `/health` answer 200 (healthy) or 503.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
 }
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
         self.task.abort();
+        for connection in self.connection_tasks.lock().unwrap().drain(..) {
+            connection.abort();
+        }
     }
 }
 
 async fn upstream_answer(
     name: &str,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     record: &Mutex<Vec<Seen>>,
+    healthy: bool,
 ) -> Response<BoxBody<Bytes, Infallible>> {
+    if request.uri().path() == "/ws" {
+        let answer = websocket_echo(&mut request);
+        record
+            .lock()
+            .unwrap()
+            .push(seen(&request.into_parts().0, 0));
+        return answer;
+    }
     let (parts, body) = request.into_parts();
-    let response = Response::builder().header("x-upstream", name);
+    let response = Response::builder()
+        .header("x-upstream", name)
+        .header("x-version", format!("{:?}", parts.version));
+    if parts.uri.path().starts_with("/health") {
+        record.lock().unwrap().push(seen(&parts, 0));
+        let status = if healthy { 200 } else { 503 };
+        return response
+            .status(status)
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("a valid response");
+    }
     if parts.uri.path() == "/stream-echo" {
         record.lock().unwrap().push(seen(&parts, 0));
         let (mut sender, echoed) = http_body_util::channel::Channel::<Bytes>::new(1);
@@ -217,6 +299,48 @@ async fn upstream_answer(
     };
     response
         .body(Full::new(body).boxed())
+        .expect("a valid response")
+}
+
+/// Accepts a WebSocket upgrade and echoes every message back.
+fn websocket_echo(request: &mut Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+    use futures_util::{SinkExt, StreamExt};
+    let key = request
+        .headers()
+        .get("sec-websocket-key")
+        .map(|key| tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()));
+    let Some(accept) = key else {
+        return Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("a valid response");
+    };
+    let upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()).boxed())
         .expect("a valid response")
 }
 
@@ -573,4 +697,99 @@ pub fn raw_status(response: &str) -> u16 {
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok())
         .unwrap_or(0)
+}
+
+/// One step of a [`ScriptedUpstream`]'s answer.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Send these bytes.
+    Write(Vec<u8>),
+    /// Wait.
+    Sleep(Duration),
+    /// Close the connection with a TCP reset.
+    Reset,
+}
+
+/// An upstream for servers that misbehave: on every connection it reads one request head, then
+/// follows its script (write, wait, reset) and closes. For upstreams that reset, stall, trickle
+/// or lie about framing.
+pub struct ScriptedUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl ScriptedUpstream {
+    /// Starts it.
+    pub async fn start(script: Vec<Step>) -> ScriptedUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("address");
+        let requests: Arc<AtomicUsize> = Arc::default();
+        let counted = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let script = script.clone();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    for step in script {
+                        match step {
+                            Step::Write(bytes) => {
+                                if stream.write_all(&bytes).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Step::Sleep(pause) => tokio::time::sleep(pause).await,
+                            Step::Reset => {
+                                let _ = stream.set_linger(Some(Duration::ZERO));
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// The base URL, for a manifest.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Request heads read so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A URL on 127.0.0.1 where nothing listens: connections are refused.
+pub async fn refusing_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+    let addr = listener.local_addr().expect("address");
+    drop(listener);
+    format!("http://{addr}")
 }

@@ -362,7 +362,12 @@ async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
     // An upload without content-length is counted as it streams through.
     let (mut sender, _connection) = wasmgate_tests::http1_connection(gateway.addr).await;
     let (mut chunks, upload) = http_body_util::channel::Channel::<bytes::Bytes>::new(2);
-    let response = sender.send_request(Request::post("/stream-echo").body(upload).unwrap());
+    let response = sender.send_request(
+        Request::post("/stream-echo")
+            .header("host", "x")
+            .body(upload)
+            .unwrap(),
+    );
     let feed = async move {
         for chunk in ["first,", "second,", "third"] {
             chunks.send_data(bytes::Bytes::from(chunk)).await.unwrap();
@@ -383,6 +388,7 @@ async fn access_log_counts_the_bytes_actually_sent_and_notices_an_early_end() {
     let response = sender
         .send_request(
             Request::get(format!("/bytes/{}", 32 << 20))
+                .header("host", "x")
                 .body(Full::<bytes::Bytes>::default())
                 .unwrap(),
         )
