@@ -754,7 +754,7 @@ impl ScriptedUpstream {
                             }
                             Step::Sleep(pause) => tokio::time::sleep(pause).await,
                             Step::Reset => {
-                                let _ = stream.set_linger(Some(Duration::ZERO));
+                                let _ = stream.set_zero_linger();
                                 return;
                             }
                         }
@@ -792,4 +792,73 @@ pub async fn refusing_url() -> String {
     let addr = listener.local_addr().expect("address");
     drop(listener);
     format!("http://{addr}")
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, made for one test, with its PEM
+/// files in a temporary folder.
+pub struct TestCert {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+    /// The certificate, PEM.
+    pub cert: PathBuf,
+    /// The private key, PEM.
+    pub key: PathBuf,
+    der: rustls_pki_types::CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl TestCert {
+    /// Generates one.
+    pub fn new() -> TestCert {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("a test certificate");
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, made.cert.pem()).expect("writing the certificate");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("writing the key");
+        TestCert {
+            dir,
+            cert,
+            key,
+            der: made.cert.der().clone(),
+            key_der: made.signing_key.serialize_der(),
+        }
+    }
+
+    /// A TLS acceptor serving this certificate, offering `alpn`.
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![self.der.clone()], key)
+        .expect("a server config");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    }
+
+    /// A TLS connector that trusts this certificate and offers `alpn`.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("a root");
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    }
+}
+
+impl Default for TestCert {
+    fn default() -> Self {
+        TestCert::new()
+    }
 }
