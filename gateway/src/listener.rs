@@ -6,14 +6,17 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,9 +31,60 @@ use crate::manifest::{HttpSpec, TlsSpec};
 use crate::proxy::Peer;
 use crate::server::Shared;
 
-/// Loads a listener's certificate chain and key (PEM) and builds its TLS acceptor, which offers
-/// HTTP/2 and HTTP/1.1 by ALPN.
-pub fn tls_acceptor(spec: &TlsSpec, base_dir: &Path) -> Result<TlsAcceptor, String> {
+/// A TLS listener's certificate and key, swapped whole when a reload re-reads the files, so
+/// that certificates rotate without a restart. Handshakes in progress keep the one they began
+/// with.
+#[derive(Debug)]
+pub struct CertStore {
+    spec: TlsSpec,
+    base_dir: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    /// Reads the certificate and key named by `spec`.
+    pub fn load(spec: &TlsSpec, base_dir: &Path) -> Result<Arc<CertStore>, String> {
+        let current = read_certified_key(spec, base_dir)?;
+        Ok(Arc::new(CertStore {
+            spec: spec.clone(),
+            base_dir: base_dir.to_path_buf(),
+            current: ArcSwap::new(current),
+        }))
+    }
+
+    /// Reads the files again, without serving what was read yet.
+    pub fn read(&self) -> Result<Arc<CertifiedKey>, String> {
+        read_certified_key(&self.spec, &self.base_dir)
+    }
+
+    /// Serves `key` to the handshakes that start from now on.
+    pub fn install(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+
+    /// A TLS acceptor for this certificate, offering HTTP/2 and HTTP/1.1 by ALPN.
+    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, String> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| format!("TLS setup failed: {err}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certified_key(spec: &TlsSpec, base_dir: &Path) -> Result<Arc<CertifiedKey>, String> {
     let cert_path = base_dir.join(&spec.cert);
     let key_path = base_dir.join(&spec.key);
     let certs = CertificateDer::pem_file_iter(&cert_path)
@@ -50,22 +104,14 @@ pub fn tls_acceptor(spec: &TlsSpec, base_dir: &Path) -> Result<TlsAcceptor, Stri
             key_path.display()
         )
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|err| format!("TLS setup failed: {err}"))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|err| {
+    let certified = CertifiedKey::from_der(certs, key, &provider()).map_err(|err| {
         format!(
             "certificate {} and key {} do not make a usable pair: {err}",
             cert_path.display(),
             key_path.display()
         )
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(certified))
 }
 
 /// The connections of one listener, to close them gracefully.

@@ -754,6 +754,19 @@ impl Manifest {
                 );
             }
         }
+        let http = &spec.http;
+        let mut http_error = |message: &str| {
+            errors.push(ManifestError::new(file, format!("`http`: {message}")));
+        };
+        if http.max_headers == 0 || http.max_concurrent_streams == 0 {
+            http_error("max_headers and max_concurrent_streams must be at least 1");
+        }
+        if http.max_uri_length.0 == 0 || http.max_header_bytes.0 == 0 {
+            http_error("max_uri_length and max_header_bytes must be above zero");
+        }
+        if http.header_read_timeout.is_zero() || http.idle_timeout.is_zero() {
+            http_error("header_read_timeout and idle_timeout must be above zero");
+        }
         if let Some(admin) = &spec.admin
             && spec
                 .listeners
@@ -922,6 +935,32 @@ mod tests {
         assert_eq!(
             errors[1].to_string(),
             "gw.yaml:10: route `r1`: plugin `ghost`: unknown plugin (declared: none)"
+        );
+    }
+
+    #[test]
+    fn http_limits_are_checked() {
+        let err = parse(&format!(
+            "{BASE}http: {{ max_headers: 0, idle_timeout: 0s }}\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`http`: max_headers"), "{text}");
+        assert!(text.contains("idle_timeout must be above zero"), "{text}");
+        let err = parse(&format!("{BASE}http: {{ encoded_slashes: decode }}\n")).unwrap_err();
+        assert!(err.to_string().contains("decode"), "{err}");
+    }
+
+    #[test]
+    fn upstream_weights_and_probes_are_checked() {
+        let text = format!(
+            "{BASE}upstreams:\n  up:\n    targets: [{{ url: \"http://127.0.0.1:1\", weight: 0 }}]\n    health_check: {{ path: health }}\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("weight 0 is not between 1 and 1000"), "{err}");
+        assert!(
+            err.contains("health_check path `health` must start with `/`"),
+            "{err}"
         );
     }
 

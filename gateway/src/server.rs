@@ -18,7 +18,7 @@ use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::listener::{Connections, accept_loop, tls_acceptor};
+use crate::listener::{CertStore, Connections, accept_loop};
 use crate::manifest::{
     AdminSpec, ListenerSpec, Manifest, ManifestError, ManifestErrors, TracingSpec,
 };
@@ -120,7 +120,20 @@ impl Gateway {
         let listener_specs = snapshot.listeners.clone();
         let admin_spec = snapshot.admin.clone();
         let reload_spec = snapshot.reload.clone();
+        let mut certificates = Vec::new();
+        for spec in &listener_specs {
+            if let Some(tls) = &spec.tls {
+                let store = CertStore::load(tls, manifest.base_dir()).map_err(|message| {
+                    ManifestErrors(vec![ManifestError::new(
+                        manifest_path,
+                        format!("listener `{}`: {message}", spec.name),
+                    )])
+                })?;
+                certificates.push((spec.name.clone(), store));
+            }
+        }
         let shared = Arc::new(Shared {
+            certificates,
             snapshot: ArcSwap::from_pointee(snapshot),
             runtime: Arc::new(runtime),
             services,
@@ -136,8 +149,12 @@ impl Gateway {
         let mut listeners = Vec::new();
         let mut accept_loops = Vec::new();
         for spec in &listener_specs {
-            let tls = match &spec.tls {
-                Some(tls) => Some(tls_acceptor(tls, manifest.base_dir()).map_err(|message| {
+            let tls = match shared
+                .certificates
+                .iter()
+                .find(|(name, _)| *name == spec.name)
+            {
+                Some((_, store)) => Some(store.acceptor().map_err(|message| {
                     ManifestErrors(vec![ManifestError::new(
                         manifest_path,
                         format!("listener `{}`: {message}", spec.name),
@@ -360,6 +377,9 @@ async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr),
     Ok((listener, bound))
 }
 
+/// Certificates read by a reload, to serve once the reload has succeeded.
+type Rotation<'s> = Vec<(&'s Arc<CertStore>, Arc<rustls::sign::CertifiedKey>)>;
+
 /// State shared by every connection, the admin listener and the reloader.
 pub(crate) struct Shared {
     pub(crate) snapshot: ArcSwap<Snapshot>,
@@ -368,6 +388,8 @@ pub(crate) struct Shared {
     manifest_path: PathBuf,
     /// Fixed at start-up: sockets are not re-bound by a reload.
     listeners: Vec<ListenerSpec>,
+    /// TLS listeners' certificates, by listener name: re-read by every reload.
+    certificates: Vec<(String, Arc<CertStore>)>,
     admin: Option<AdminSpec>,
     tracing: Option<TracingSpec>,
     pub(crate) draining: AtomicBool,
@@ -386,7 +408,10 @@ impl Shared {
         let outcome = self.build_next().await;
         let metrics = &self.services.metrics;
         match outcome {
-            Ok(snapshot) => {
+            Ok((snapshot, certificates)) => {
+                for (store, key) in certificates {
+                    store.install(key);
+                }
                 metrics.reloaded(true);
                 for warning in &snapshot.warnings {
                     tracing::warn!("{warning}");
@@ -421,9 +446,33 @@ impl Shared {
         }
     }
 
-    async fn build_next(self: &Arc<Self>) -> Result<Snapshot, ManifestErrors> {
+    /// Builds the next snapshot and reads the TLS listeners' certificates again; nothing is
+    /// served from either until both have succeeded.
+    async fn build_next(self: &Arc<Self>) -> Result<(Snapshot, Rotation<'_>), ManifestErrors> {
         let manifest = Manifest::load(&self.manifest_path)?;
         self.check_fixed(&manifest)?;
+        let mut certificates = Vec::new();
+        let mut errors = Vec::new();
+        for (name, store) in &self.certificates {
+            match store.read() {
+                Ok(key) => certificates.push((store, key)),
+                Err(message) => errors.push(ManifestError::new(
+                    &manifest.path,
+                    format!("listener `{name}`: {message}"),
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ManifestErrors(errors));
+        }
+        let snapshot = self.build_snapshot(manifest).await?;
+        Ok((snapshot, certificates))
+    }
+
+    async fn build_snapshot(
+        self: &Arc<Self>,
+        manifest: Manifest,
+    ) -> Result<Snapshot, ManifestErrors> {
         let (done, result) = tokio::sync::oneshot::channel();
         let shared = self.clone();
         let spawned = std::thread::Builder::new()

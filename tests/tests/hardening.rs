@@ -263,8 +263,27 @@ async fn path_rules_are_configurable() {
 #[tokio::test]
 async fn slow_headers_and_idle_connections_are_closed() {
     let upstream = TestUpstream::start("main").await;
-    let http = "header_read_timeout: 300ms, idle_timeout: 300ms";
+    let http = "header_read_timeout: 300ms, idle_timeout: 300ms, max_concurrent_streams: 3";
     let gateway = TestGateway::start(&manifest(&upstream, http)).await;
+
+    // An HTTP/1.1 connection idle after its response is closed.
+    let mut idle = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    idle.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection stayed open");
+    assert_eq!(raw_status(&String::from_utf8_lossy(&received)), 200);
 
     // A head that never ends: the connection is closed without a request reaching anyone.
     let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
@@ -276,7 +295,11 @@ async fn slow_headers_and_idle_connections_are_closed() {
         .await
         .expect("the gateway closed the slow connection");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    assert!(upstream.seen().is_empty());
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "only the idle connection's request"
+    );
 
     // An HTTP/2 connection with nothing in progress is closed (GOAWAY) after the idle timeout.
     let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
@@ -295,4 +318,19 @@ async fn slow_headers_and_idle_connections_are_closed() {
         .await
         .expect("the idle HTTP/2 connection was closed");
     assert!(closed.is_ok());
+
+    // The HTTP/2 stream limit is what the gateway announces.
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(stream).await.unwrap();
+    let (announced, limit) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(std::future::poll_fn(move |cx| {
+        let polled = std::pin::Pin::new(&mut connection).poll(cx);
+        let _ = announced.send(connection.max_concurrent_send_streams());
+        polled
+    }));
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::get("http://x/a").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    assert_eq!(*limit.borrow(), 3);
 }

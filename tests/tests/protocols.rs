@@ -117,6 +117,42 @@ async fn tls_termination_negotiates_http2_and_falls_back_to_http1() {
 }
 
 #[tokio::test]
+async fn a_reload_rotates_certificates_without_a_restart() {
+    let first = TestCert::new();
+    let upstream = TestUpstream::start("main").await;
+    let upstreams = format!(
+        "  main: {{ targets: [{{ url: \"{}\" }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&manifest(&tls(&first), &upstreams, ALL)).await;
+    let trusts = |cert: &TestCert| {
+        let connector = cert.connector(&[b"http/1.1"]);
+        let addr = gateway.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.is_ok()
+        }
+    };
+    assert!(trusts(&first).await);
+
+    // New files in place of the old: served from the next reload on.
+    let second = TestCert::new();
+    std::fs::copy(&second.cert, &first.cert).unwrap();
+    std::fs::copy(&second.key, &first.key).unwrap();
+    assert!(trusts(&first).await, "rotated before the reload");
+    gateway.gateway().reload().await.unwrap();
+    assert!(trusts(&second).await);
+    assert!(!trusts(&first).await);
+
+    // A broken key fails the reload, and the served certificate stays.
+    std::fs::write(&first.key, "not a key").unwrap();
+    let err = gateway.gateway().reload().await.unwrap_err().to_string();
+    assert!(err.contains("listener `public`"), "{err}");
+    assert!(trusts(&second).await);
+}
+
+#[tokio::test]
 async fn a_bad_certificate_fails_the_start_naming_listener_and_file() {
     let cert = TestCert::new();
     std::fs::write(&cert.key, "not a key").unwrap();
