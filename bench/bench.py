@@ -361,6 +361,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
     parser.add_argument("--gateway", default=str(GATEWAY), help="the wasmgate binary to measure")
+    parser.add_argument("--baseline", help="another wasmgate binary, measured as the target `wasmgate baseline` beside the bare one")
+    parser.add_argument("--only", help="comma-separated target names to run (no docs update), for A/B checks while tuning")
     args = parser.parse_args()
     GATEWAY = Path(args.gateway)
     if args.smoke:
@@ -379,11 +381,11 @@ def main():
         return Target(name, ["nginx", "-c", str(nginx_conf(dir, name, modules, http))], port, headers,
                       log=f"{dir}/{slug(name)}.stderr.log")
 
-    def wasmgate_target(name, chain, isolation="per-request", headers=()):
+    def wasmgate_target(name, chain, isolation="per-request", headers=(), binary=None):
         port = free_port()
         manifest = wasmgate_manifest(dir, slug(name), port, up_port, chain, isolation)
-        return Target(name, [str(GATEWAY), "run", "-c", str(manifest)], port, headers,
-                      env={"TOKIO_WORKER_THREADS": "1", "RUST_LOG": "info"}, log=f"{dir}/{slug(name)}.log")
+        return Target(name, [str(binary or GATEWAY), "run", "-c", str(manifest)], port, headers,
+                      env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info"}, log=f"{dir}/{slug(name)}.log")
 
     key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
     (Path(dir) / "jwt.js").write_text(NJS_SCRIPT % JWT_SECRET)
@@ -401,6 +403,12 @@ def main():
         wasmgate_target("wasmgate jwt", jwt_chain, headers=jwt_header),
         wasmgate_target("wasmgate jwt pooled", jwt_chain, "pooled", jwt_header),
     ]
+    if args.baseline:
+        targets.insert(3, wasmgate_target("wasmgate baseline", [], binary=args.baseline))
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")} | {"direct (upstream)", "nginx", "nginx+lua policies", "wasmgate", "wasmgate baseline"}
+        targets = [t for t in targets if t.name in wanted]
+        args.memory_requests = 0
     started = [upstream]
     try:
         upstream.start(dir)
@@ -424,7 +432,7 @@ def main():
         memory = measure_memory(dir, up_port, args.memory_requests, key_header)
         table = render(targets, connection_counts, results, args, memory)
         print(table)
-        if not args.smoke:
+        if not args.smoke and not args.only and not args.baseline:
             write_docs(table)
     finally:
         for target in reversed(started):
@@ -438,7 +446,7 @@ def measure_memory(dir, up_port, total, headers):
     manifest = wasmgate_manifest(dir, "memory", port, up_port, ["api-key", "header-rewrite", "access-log"],
                                  "pooled", routes=20)
     target = Target("memory", [str(GATEWAY), "run", "-c", str(manifest)], port, headers,
-                    env={"TOKIO_WORKER_THREADS": "1", "RUST_LOG": "warn"})
+                    env={"WASMGATE_WORKERS": "1", "RUST_LOG": "warn"})
     target.start(dir)
     try:
         idle = target.rss_kib()
@@ -480,7 +488,7 @@ def render(targets, connection_counts, results, args, memory):
         f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, {nginx_version}, "
         f"wrk 1 thread; {args.rounds} rounds of {args.seconds} s per target and connection count, interleaved, "
         "median shown. Upstream and proxy pinned to CPU 0, wrk to CPU 1; nginx with 1 worker, wasmgate with "
-        "TOKIO_WORKER_THREADS=1; keep-alive everywhere. Policies: api-key (SHA-256 of the key), header rewrite "
+        "WASMGATE_WORKERS=1 (one thread, one event loop); keep-alive everywhere. Policies: api-key (SHA-256 of the key), header rewrite "
         "both ways, JSON access log line per request to a file. jwt: HS256 verify (+ iss, exp), same rewrite, "
         "JSON log (nginx+njs: njs verifies, native nginx rewrites and logs).",
         "",

@@ -38,6 +38,10 @@ enum Command {
         /// The manifest file.
         #[arg(short, long, env = "WASMGATE_CONFIG")]
         config: PathBuf,
+        /// Threads serving connections, each with its own event loop and its own socket per
+        /// listener (default: one per CPU).
+        #[arg(long, env = "WASMGATE_WORKERS")]
+        workers: Option<usize>,
     },
     /// Loads a manifest and every plugin it names, checks every plugin configuration, and
     /// reports every problem found. Exits 0 when there is none.
@@ -60,7 +64,14 @@ pub fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The main thread's runtime is single-threaded: it serves connections as the first worker
+    // (`--workers` adds more threads, each with a runtime of its own), and runs the admin
+    // listener, signals and reloads. A thread per event loop with no task stealing costs less
+    // per request than a multi-threaded runtime (docs/performance.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start the async runtime: {err}");
@@ -82,7 +93,10 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => runtime.block_on(async {
+        Command::Run { config, workers } => runtime.block_on(async {
+            let workers = workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
             // Before anything else: a SIGHUP that arrived while plugins compile must not end the
             // process, and a SIGTERM then must still drain once serving.
             let signals = match crate::server::Signals::install() {
@@ -92,7 +106,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match crate::Gateway::start(&config).await {
+            match crate::Gateway::start_with_workers(&config, workers).await {
                 Ok(gateway) => match gateway.run_until_signal(signals).await {
                     // A drain that timed out still ends the process normally: the operator
                     // chose the timeout, and the log says what was cut.

@@ -121,6 +121,14 @@ pub struct Connections {
 }
 
 impl Connections {
+    /// A listener that never accepted anything.
+    pub fn none() -> Connections {
+        Connections {
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
     /// Asks every connection to finish: HTTP/1.1 closes after the response in flight, HTTP/2
     /// sends GOAWAY and finishes its streams. Returns when all have closed.
     pub async fn close(self) {

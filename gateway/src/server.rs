@@ -35,6 +35,9 @@ pub enum StartError {
     /// The Wasm engine could not be created.
     #[error("cannot create the Wasm runtime: {0:#}")]
     Runtime(wasmtime::Error),
+    /// The worker threads could not be started.
+    #[error("cannot start the worker threads: {0}")]
+    Threads(std::io::Error),
     /// A listener could not bind its address.
     #[error("listener `{name}` cannot bind {addr}: {source}")]
     Bind {
@@ -67,6 +70,9 @@ pub struct Gateway {
     accept_loops: Vec<JoinHandle<Connections>>,
     /// Dropping it stops watching the manifest's folder.
     _watcher: Option<crate::reload::FolderWatcher>,
+    /// Dropping it ends the extra worker threads' runtimes (after a drain, nothing is left on
+    /// them).
+    _threads: WorkerThreads,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -88,8 +94,21 @@ pub enum Drained {
 }
 
 impl Gateway {
-    /// Loads the manifest, compiles its plugins, binds its listeners and starts serving.
+    /// Loads the manifest, compiles its plugins, binds its listeners and starts serving, all on
+    /// the calling task's runtime.
     pub async fn start(manifest_path: &Path) -> Result<Gateway, StartError> {
+        Gateway::start_with_workers(manifest_path, 1).await
+    }
+
+    /// Like [`Gateway::start`], serving every listener on `workers` threads: the calling
+    /// runtime's, and `workers - 1` threads of their own, each with a current-thread Tokio
+    /// runtime and its own socket on the listener's address (`SO_REUSEPORT`, so the kernel
+    /// spreads connections over them). A connection stays on the thread that accepted it.
+    pub async fn start_with_workers(
+        manifest_path: &Path,
+        workers: usize,
+    ) -> Result<Gateway, StartError> {
+        let workers = workers.max(1);
         // Nothing is served yet, so compiling plugins on this worker holds up no request.
         let manifest = Manifest::load(manifest_path)?;
         let runtime = Runtime::new().map_err(StartError::Runtime)?;
@@ -146,6 +165,7 @@ impl Gateway {
         });
 
         let (stop_accepting, _) = watch::channel(false);
+        let threads = WorkerThreads::start(workers - 1).map_err(StartError::Threads)?;
         let mut listeners = Vec::new();
         let mut accept_loops = Vec::new();
         for spec in &listener_specs {
@@ -162,15 +182,41 @@ impl Gateway {
                 })?),
                 None => None,
             };
-            let (listener, addr) = bind(&spec.name, spec.bind).await?;
-            tracing::info!(listener = %spec.name, %addr, tls = tls.is_some(), "listening");
+            let failed = |source| StartError::Bind {
+                name: spec.name.clone(),
+                addr: spec.bind,
+                source,
+            };
+            let reuse_port = workers > 1;
+            let first = bind_socket(spec.bind, reuse_port).map_err(failed)?;
+            let addr = first.local_addr().map_err(failed)?;
+            // Port 0 picks a port once; the other threads' sockets share it.
+            let mut others = Vec::new();
+            for _ in 1..workers {
+                others.push(bind_socket(addr, true).map_err(failed)?);
+            }
+            let listener = first.listen(LISTEN_BACKLOG).map_err(failed)?;
+            tracing::info!(listener = %spec.name, %addr, tls = tls.is_some(), workers, "listening");
             listeners.push((spec.name.clone(), addr));
             accept_loops.push(tokio::spawn(accept_loop(
                 listener,
-                tls,
+                tls.clone(),
                 shared.clone(),
                 stop_accepting.subscribe(),
             )));
+            for (socket, handle) in others.into_iter().zip(&threads.handles) {
+                let (tls, shared, stop) = (tls.clone(), shared.clone(), stop_accepting.subscribe());
+                let name = spec.name.clone();
+                accept_loops.push(handle.spawn(async move {
+                    match socket.listen(LISTEN_BACKLOG) {
+                        Ok(listener) => accept_loop(listener, tls, shared, stop).await,
+                        Err(err) => {
+                            tracing::error!(listener = %name, error = %err, "a worker thread cannot listen");
+                            Connections::none()
+                        }
+                    }
+                }));
+            }
         }
         let admin = match &admin_spec {
             Some(spec) => {
@@ -211,6 +257,7 @@ impl Gateway {
             stop_accepting,
             accept_loops,
             _watcher: watcher,
+            _threads: threads,
         })
     }
 
@@ -366,6 +413,57 @@ impl Signals {
 }
 
 /// Binds a listener and returns it with the address it got (port 0 picks one).
+/// The listen backlog of client listeners (as `TcpListener::bind` uses).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A socket bound to `addr`, not yet listening; with `reuse_port`, other sockets may bind the
+/// same address and the kernel spreads connections over them.
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// Threads that each run a current-thread Tokio runtime for accept loops and their
+/// connections. Dropping this ends them.
+struct WorkerThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl WorkerThreads {
+    fn start(count: usize) -> std::io::Result<WorkerThreads> {
+        let mut handles = Vec::with_capacity(count);
+        let mut stops = Vec::with_capacity(count);
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("wasmgate-worker-{}", i + 1))
+                .spawn(move || {
+                    // Runs the tasks spawned onto it until the gateway lets go.
+                    let _ = runtime.block_on(stopped);
+                })?;
+        }
+        Ok(WorkerThreads {
+            handles,
+            _stop: stops,
+        })
+    }
+}
+
 async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let failed = |source| StartError::Bind {
         name: name.to_string(),
