@@ -403,12 +403,23 @@ def main():
         wasmgate_target("wasmgate jwt", jwt_chain, headers=jwt_header),
         wasmgate_target("wasmgate jwt pooled", jwt_chain, "pooled", jwt_header),
     ]
-    if args.baseline:
-        targets.insert(3, wasmgate_target("wasmgate baseline", [], binary=args.baseline))
     if args.only:
-        wanted = {name.strip() for name in args.only.split(",")} | {"direct (upstream)", "nginx", "nginx+lua policies", "wasmgate", "wasmgate baseline"}
+        wanted = {name.strip() for name in args.only.split(",")} | {"direct (upstream)", "nginx", "nginx+lua policies", "wasmgate"}
         targets = [t for t in targets if t.name in wanted]
         args.memory_requests = 0
+    if args.baseline:
+        # The same wasmgate targets again, run by the other binary, each right after its own.
+        chains = {"wasmgate": ([], "per-request", ()), "wasmgate policies": (policies, "per-request", key_header),
+                  "wasmgate policies pooled": (policies, "pooled", key_header),
+                  "wasmgate jwt": (jwt_chain, "per-request", jwt_header),
+                  "wasmgate jwt pooled": (jwt_chain, "pooled", jwt_header)}
+        with_baselines = []
+        for target in targets:
+            with_baselines.append(target)
+            if target.name in chains:
+                chain, isolation, headers = chains[target.name]
+                with_baselines.append(wasmgate_target(f"{target.name} baseline", chain, isolation, headers, args.baseline))
+        targets = with_baselines
     started = [upstream]
     try:
         upstream.start(dir)
