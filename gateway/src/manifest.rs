@@ -336,7 +336,8 @@ pub struct UpstreamSpec {
     /// end: 504 before the head; past the head, the response is cut (never shown complete).
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
-    /// Longest wait for a connection (TCP and TLS) to a target (504 past it).
+    /// Longest wait for a TCP connection to a target (504 past it); a TLS handshake that stalls
+    /// counts against `timeout`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How many times a failed request is tried again on another target: only idempotent
@@ -481,6 +482,9 @@ pub struct RouteSpec {
     /// Overrides the upstream's `request_timeout` (whole exchange) for this route.
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    /// Overrides the upstream's `connect_timeout` for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
     /// The chain: request phase in this order, response phase in reverse.
     #[serde(default)]
     pub plugins: Vec<Spanned<PluginUseSpec>>,

@@ -745,7 +745,7 @@ async fn forward(
         let sent = Instant::now();
         let outcome = {
             let _outstanding = upstream.begin(index);
-            tokio::time::timeout(head_wait, upstream.client().request(request)).await
+            tokio::time::timeout(head_wait, upstream.client(route.client).request(request)).await
         };
         target.duration.observe(sent.elapsed().as_secs_f64());
         let attempt_failure = match outcome {

@@ -48,6 +48,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Longest time for the whole upstream exchange.
     pub request_timeout: Option<Duration>,
+    /// Which of the upstream's clients this route uses (they differ by connect timeout).
+    pub client: usize,
     /// The plugin chain, in request-phase order.
     pub chain: Vec<ChainLink>,
     /// Whether a plugin in the chain reads bodies, so bodies are buffered.
@@ -172,7 +174,21 @@ impl Snapshot {
 
         let mut upstreams = BTreeMap::new();
         for (name, declared) in &spec.upstreams {
-            match Upstream::new(name, &declared.value, manifest.base_dir(), metrics) {
+            // Routes that override the connect timeout get a client (and pool) of their own.
+            let connect_timeouts: Vec<Duration> = spec
+                .routes
+                .iter()
+                .filter(|r| r.value.upstream == *name)
+                .filter_map(|r| r.value.connect_timeout)
+                .collect();
+            let built = Upstream::new(
+                name,
+                &declared.value,
+                manifest.base_dir(),
+                metrics,
+                &connect_timeouts,
+            );
+            match built {
                 Ok(upstream) => {
                     upstreams.insert(name.as_str(), Arc::new(upstream));
                 }
@@ -262,6 +278,7 @@ impl Snapshot {
                 strip_prefix: route.strip_prefix.clone(),
                 timeout: route.timeout.unwrap_or(upstream.timeout),
                 request_timeout: route.request_timeout.or(upstream.request_timeout),
+                client: upstream.client_index(route.connect_timeout),
                 buffer_body: chain.iter().any(|link| link.plugin.budget().body_access),
                 chain,
                 metrics: metrics.route(&route.name),

@@ -127,17 +127,20 @@ pub struct Upstream {
     passive: PassiveHealthSpec,
     health_check: Option<HealthCheckSpec>,
     origin: Instant,
-    client: UpstreamClient,
+    /// One pooled client per connect timeout in use: the upstream's own first, then those of
+    /// routes that override it.
+    clients: Vec<(Duration, UpstreamClient)>,
 }
 
 impl Upstream {
     /// Builds the upstream; its targets were checked with the manifest. `base_dir` anchors a
-    /// configured CA file.
+    /// configured CA file; `route_connect_timeouts` are the overrides of the routes that use it.
     pub fn new(
         name: &str,
         spec: &UpstreamSpec,
         base_dir: &Path,
         metrics: &Metrics,
+        route_connect_timeouts: &[Duration],
     ) -> Result<Upstream, String> {
         let targets = spec
             .targets
@@ -160,7 +163,15 @@ impl Upstream {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let uses_tls = targets.iter().any(|t| t.scheme == Scheme::HTTPS);
-        let client = build_client(spec, uses_tls, base_dir)?;
+        let mut clients = vec![(
+            spec.connect_timeout,
+            build_client(spec, spec.connect_timeout, uses_tls, base_dir)?,
+        )];
+        for &timeout in route_connect_timeouts {
+            if clients.iter().all(|(t, _)| *t != timeout) {
+                clients.push((timeout, build_client(spec, timeout, uses_tls, base_dir)?));
+            }
+        }
         let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
         Ok(Upstream {
             name: name.to_string(),
@@ -179,7 +190,7 @@ impl Upstream {
             passive: spec.passive_health.clone(),
             health_check: spec.health_check.clone(),
             origin: Instant::now(),
-            client,
+            clients,
         })
     }
 
@@ -273,9 +284,17 @@ impl Upstream {
         }
     }
 
-    /// The pooled client.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    /// The client for a connect timeout (`None`: the upstream's own), as an index for
+    /// [`Upstream::client`].
+    pub fn client_index(&self, connect_timeout: Option<Duration>) -> usize {
+        connect_timeout
+            .and_then(|timeout| self.clients.iter().position(|(t, _)| *t == timeout))
+            .unwrap_or(0)
+    }
+
+    /// A pooled client, by [`Upstream::client_index`].
+    pub fn client(&self, index: usize) -> &UpstreamClient {
+        &self.clients.get(index).unwrap_or(&self.clients[0]).1
     }
 
     /// Starts the active health checks, if configured, on the current runtime. They stop when
@@ -345,7 +364,7 @@ async fn probe(upstream: &Upstream, target: &Target, check: &HealthCheckSpec) ->
     let mut request = Request::new(UpstreamBody::from(full(bytes::Bytes::new())));
     *request.uri_mut() = uri;
     *request.version_mut() = upstream.version;
-    let answer = tokio::time::timeout(check.timeout, upstream.client.request(request)).await;
+    let answer = tokio::time::timeout(check.timeout, upstream.client(0).request(request)).await;
     match answer {
         Ok(Ok(response)) => {
             let status = response.status();
@@ -363,11 +382,12 @@ async fn probe(upstream: &Upstream, target: &Target, check: &HealthCheckSpec) ->
 
 fn build_client(
     spec: &UpstreamSpec,
+    connect_timeout: Duration,
     uses_tls: bool,
     base_dir: &Path,
 ) -> Result<UpstreamClient, String> {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(spec.connect_timeout));
+    connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
     connector.enforce_http(false);
     let tls = if uses_tls {

@@ -254,3 +254,45 @@ async fn upstream_failures_map_to_502_504_and_never_pass_as_complete() {
         assert!(body.is_err(), "{path}: a cut body arrived as complete");
     }
 }
+
+#[tokio::test]
+async fn a_route_can_shorten_the_connect_timeout() {
+    // A listener whose accept queue is full and never drained: further SYNs are dropped, so a
+    // connection attempt hangs rather than being refused.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    let upstream = format!(
+        "  main: {{ connect_timeout: 30s, passive_health: {{ failures: 0 }}, targets: [{{ url: \"http://{addr}\" }}] }}\n"
+    );
+    let routes =
+        "  - { name: hasty, match: { prefix: / }, upstream: main, connect_timeout: 300ms }\n";
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let started = std::time::Instant::now();
+    let response = gateway
+        .send(
+            Request::post("/x")
+                .header("host", "x")
+                .body(Full::new(Bytes::from_static(b"not retried")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the upstream's 30 s applied, not the route's 300 ms"
+    );
+    drop(listener);
+}
