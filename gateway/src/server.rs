@@ -520,6 +520,7 @@ impl Shared {
                     compiled: snapshot.cache.compiled,
                 };
                 let snapshot = Arc::new(snapshot);
+                snapshot.inherit_health(&self.snapshot.load());
                 snapshot.activate();
                 self.snapshot.store(snapshot);
                 tracing::info!(

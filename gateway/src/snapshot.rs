@@ -320,6 +320,16 @@ impl Snapshot {
         }
     }
 
+    /// Takes over the health the previous snapshot learnt of the upstreams and targets both
+    /// have. Call before [`Snapshot::activate`].
+    pub fn inherit_health(&self, previous: &Snapshot) {
+        for upstream in &self.upstreams {
+            if let Some(old) = previous.upstream(&upstream.name) {
+                upstream.inherit_health(old);
+            }
+        }
+    }
+
     /// An upstream by name.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.name == name)

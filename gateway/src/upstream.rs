@@ -67,7 +67,7 @@ pub struct Target {
     healthy_gauge: Gauge,
     outstanding: AtomicU32,
     consecutive_failures: AtomicU32,
-    /// Milliseconds since the upstream's origin until which the target is ejected.
+    /// Milliseconds since [`ORIGIN`] until which the target is ejected.
     ejected_until: AtomicU64,
     /// What the last probes said (true without probes).
     probe_healthy: AtomicBool,
@@ -126,7 +126,6 @@ pub struct Upstream {
     pub version: Version,
     passive: PassiveHealthSpec,
     health_check: Option<HealthCheckSpec>,
-    origin: Instant,
     /// One pooled client per connect timeout in use: the upstream's own first, then those of
     /// routes that override it.
     clients: Vec<(Duration, UpstreamClient)>,
@@ -189,13 +188,42 @@ impl Upstream {
             },
             passive: spec.passive_health.clone(),
             health_check: spec.health_check.clone(),
-            origin: Instant::now(),
             clients,
         })
     }
 
     fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        ORIGIN.elapsed().as_millis() as u64
+    }
+
+    /// Takes over what `previous` (the same upstream in the snapshot being replaced) learnt of
+    /// the targets both have: ejections, failure counts and probe results, so that a reload does
+    /// not send traffic to a target known to be down.
+    pub fn inherit_health(&self, previous: &Upstream) {
+        for target in &self.targets {
+            let Some(old) = previous
+                .targets
+                .iter()
+                .find(|old| old.authority == target.authority && old.scheme == target.scheme)
+            else {
+                continue;
+            };
+            let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            target
+                .ejected_until
+                .store(load(&old.ejected_until), Ordering::Relaxed);
+            target.consecutive_failures.store(
+                old.consecutive_failures.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            let healthy = old.probe_healthy.load(Ordering::Relaxed);
+            // Probes carry over only where the new manifest still probes.
+            if self.health_check.is_some() {
+                target.probe_healthy.store(healthy, Ordering::Relaxed);
+            }
+            let in_rotation = target.in_rotation(self.now_ms());
+            target.healthy_gauge.set(i64::from(in_rotation));
+        }
     }
 
     /// A target for the next attempt, avoiding those already tried when another is in
@@ -308,6 +336,10 @@ impl Upstream {
         }
     }
 }
+
+/// The instant ejection deadlines are counted from: one for the process, so that they compare
+/// across snapshots.
+static ORIGIN: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 /// A request in progress on a target.
 pub struct Outstanding<'u>(&'u Target);

@@ -59,7 +59,12 @@ async fn least_outstanding_avoids_a_busy_target() {
     let slow = gateway.get("x", "/delay/1500");
     let quick = async {
         // Let the slow request reach its target first.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..200 {
+            if a.served() + b.served() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         for _ in 0..6 {
             assert_eq!(get(&gateway, "/quick").await, StatusCode::OK);
         }
@@ -295,4 +300,24 @@ async fn a_route_can_shorten_the_connect_timeout() {
         "the upstream's 30 s applied, not the route's 300 ms"
     );
     drop(listener);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_what_was_learnt_of_target_health() {
+    let good = TestUpstream::start("good").await;
+    let bad = ScriptedUpstream::start(vec![Step::Reset]).await;
+    let upstream = format!(
+        "  main: {{ passive_health: {{ failures: 1, ejection: 1m }}, targets: [{}] }}\n",
+        targets(&[(bad.url(), 1), (good.url(), 1)])
+    );
+    let gateway = TestGateway::start(&one_route(&upstream)).await;
+    // The first request meets the bad target, which is ejected; its retry succeeds.
+    assert_eq!(get(&gateway, "/x").await, StatusCode::OK);
+    assert_eq!(bad.requests(), 1);
+
+    gateway.gateway().reload().await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(get(&gateway, "/x").await, StatusCode::OK);
+    }
+    assert_eq!(bad.requests(), 1, "the reload forgot the ejection");
 }
