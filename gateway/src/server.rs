@@ -55,10 +55,38 @@ pub enum StartError {
 /// the warnings.
 pub async fn check(manifest_path: &Path) -> Result<Vec<ManifestError>, StartError> {
     let manifest = Manifest::load(manifest_path)?;
+    load_certificates(&manifest)?;
     let runtime = Runtime::new().map_err(StartError::Runtime)?;
     Ok(Snapshot::build(&manifest, &runtime, &Services::default())
         .await?
         .warnings)
+}
+
+/// Reads every TLS listener's certificate and key, by listener name; reports every pair that
+/// fails.
+fn load_certificates(manifest: &Manifest) -> Result<Vec<(String, Arc<CertStore>)>, ManifestErrors> {
+    let mut stores = Vec::new();
+    let mut errors = Vec::new();
+    for listener in &manifest.spec.listeners {
+        let spec = &listener.value;
+        if let Some(tls) = &spec.tls {
+            match CertStore::load(tls, manifest.base_dir()) {
+                Ok(store) => stores.push((spec.name.clone(), store)),
+                Err(message) => errors.push(
+                    ManifestError::new(
+                        &manifest.path,
+                        format!("listener `{}`: {message}", spec.name),
+                    )
+                    .at_line(listener.referenced.line()),
+                ),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(stores)
+    } else {
+        Err(ManifestErrors(errors))
+    }
 }
 
 /// A running gateway.
@@ -139,18 +167,7 @@ impl Gateway {
         let listener_specs = snapshot.listeners.clone();
         let admin_spec = snapshot.admin.clone();
         let reload_spec = snapshot.reload.clone();
-        let mut certificates = Vec::new();
-        for spec in &listener_specs {
-            if let Some(tls) = &spec.tls {
-                let store = CertStore::load(tls, manifest.base_dir()).map_err(|message| {
-                    ManifestErrors(vec![ManifestError::new(
-                        manifest_path,
-                        format!("listener `{}`: {message}", spec.name),
-                    )])
-                })?;
-                certificates.push((spec.name.clone(), store));
-            }
-        }
+        let certificates = load_certificates(&manifest)?;
         let shared = Arc::new(Shared {
             certificates,
             snapshot: ArcSwap::from_pointee(snapshot),

@@ -167,6 +167,12 @@ async fn a_bad_certificate_fails_the_start_naming_listener_and_file() {
     let err = err.to_string();
     assert!(err.contains("listener `public`"), "{err}");
     assert!(err.contains("key.pem"), "{err}");
+
+    // `wasmgate check` reads the files too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = wasmgate_tests::write_manifest(dir.path(), &manifest(&tls(&cert), &upstreams, ALL));
+    let err = wasmgate::check(&path).await.unwrap_err().to_string();
+    assert!(err.contains("manifest.yaml:3: listener `public`"), "{err}");
 }
 
 #[tokio::test]
