@@ -651,7 +651,13 @@ impl Outgoing {
     }
 
     /// The request for one attempt on `target`; `None` when the body cannot be sent again.
-    fn attempt(&mut self, target: &Target, version: Version) -> Option<Request<UpstreamBody>> {
+    /// `last` says no attempt follows, so the headers can be moved rather than copied.
+    fn attempt(
+        &mut self,
+        target: &Target,
+        version: Version,
+        last: bool,
+    ) -> Option<Request<UpstreamBody>> {
         let body = self.body.for_attempt()?;
         let uri = Uri::builder()
             .scheme(target.scheme.clone())
@@ -664,11 +670,10 @@ impl Outgoing {
         *request.uri_mut() = uri;
         // Upstream connections use the upstream's version whatever the client spoke.
         *request.version_mut() = version;
-        // Only a repeatable request is attempted twice, so the copy is made only for retries.
-        *request.headers_mut() = if self.repeatable() {
-            self.headers.clone()
-        } else {
+        *request.headers_mut() = if last {
             std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
         };
         Some(request)
     }
@@ -724,7 +729,8 @@ async fn forward(
         };
         tried.add(index);
         let target = upstream.target(index);
-        let Some(mut request) = outgoing.attempt(target, upstream.version) else {
+        let last = attempt + 1 == attempts;
+        let Some(mut request) = outgoing.attempt(target, upstream.version, last) else {
             break;
         };
         if let Some(upgrade) = &upgrade {
