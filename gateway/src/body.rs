@@ -103,15 +103,22 @@ pub enum BodyError {
 impl BodyError {
     /// The first `BodyError` in an error's source chain.
     pub fn find<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyError> {
-        let mut current = Some(err);
-        while let Some(err) = current {
-            if let Some(found) = err.downcast_ref::<BodyError>() {
-                return Some(found);
-            }
-            current = err.source();
-        }
-        None
+        find_cause(err)
     }
+}
+
+/// The first error of type `T` in an error's source chain, the error itself included.
+pub(crate) fn find_cause<'e, T: std::error::Error + 'static>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
 }
 
 /// What to run once a body has ended: the bytes it sent, and whether it ended normally.

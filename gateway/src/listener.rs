@@ -80,7 +80,8 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The TLS provider, listeners and upstreams alike: ring, the only one built in.
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

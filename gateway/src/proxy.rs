@@ -815,16 +815,8 @@ async fn forward(
 
 /// Whether a client error is a connect timeout (504 rather than 502).
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        current = err.source();
-    }
-    false
+    crate::body::find_cause::<std::io::Error>(err)
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// Turns the upstream's response into the one for the client: hop-by-hop headers stripped,

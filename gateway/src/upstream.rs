@@ -426,13 +426,7 @@ fn build_client(
         tls_config(spec, base_dir)?
     } else {
         // Never used for handshakes: only `http://` targets go through this client.
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|err| format!("TLS setup failed: {err}"))?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth()
+        client_config(rustls::RootCertStore::empty())?
     };
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -476,13 +470,17 @@ fn tls_config(spec: &UpstreamSpec, base_dir: &Path) -> Result<rustls::ClientConf
             }
         }
     }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|err| format!("TLS setup failed: {err}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+    client_config(roots)
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crate::listener::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| format!("TLS setup failed: {err}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// Smooth weighted round robin (as nginx does it): each target appears as often as its weight,
