@@ -20,6 +20,7 @@ pub mod admission;
 pub mod body;
 pub mod cli;
 pub mod forwarded;
+mod framing;
 mod listener;
 pub mod manifest;
 pub mod metrics;

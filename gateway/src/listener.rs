@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,6 +30,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::ResponseBody;
+use crate::framing::{FramingGuard, Tracker};
 use crate::manifest::{HttpSpec, TlsSpec};
 use crate::proxy::Peer;
 use crate::server::Shared;
@@ -143,6 +148,8 @@ impl Connections {
 struct Settings {
     http: Arc<HttpSpec>,
     builder: auto::Builder<TokioExecutor>,
+    /// hyper's read buffer, which bounds a request head.
+    head_buffer: usize,
 }
 
 impl Settings {
@@ -168,7 +175,16 @@ impl Settings {
             .max_header_list_size(
                 u32::try_from(head + 32 * u64::from(http.max_headers)).unwrap_or(u32::MAX),
             );
-        Settings { http, builder }
+        Settings {
+            http,
+            builder,
+            head_buffer: buffer,
+        }
+    }
+
+    /// The framing guard for a new HTTP/1 connection, with the limits hyper is given.
+    fn tracker(&self) -> Tracker {
+        Tracker::new(self.http.max_headers as usize, self.head_buffer)
     }
 }
 
@@ -210,7 +226,12 @@ pub async fn accept_loop(
         };
         match &tls {
             None => {
-                connections.tracker.spawn(connection.serve(stream, false));
+                // Plain connections are HTTP/1 until the HTTP/2 preface says otherwise, which
+                // the guard recognises and steps aside for.
+                let tracker = connection.settings.tracker();
+                connections
+                    .tracker
+                    .spawn(connection.serve(stream, tracker, false));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -218,7 +239,15 @@ pub async fn accept_loop(
                     // A handshake is held to the same bound as a request head.
                     let limit = connection.settings.http.header_read_timeout;
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection.serve(stream, true).await,
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let tracker = if h2 {
+                                Tracker::off()
+                            } else {
+                                connection.settings.tracker()
+                            };
+                            connection.serve(stream, tracker, true).await;
+                        }
                         Ok(Err(err)) => {
                             tracing::debug!(%client_addr, error = %err, "TLS handshake failed");
                         }
@@ -239,7 +268,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve<I>(self, io: I, secure: bool)
+    async fn serve<I>(self, io: I, tracker: Tracker, secure: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -252,11 +281,13 @@ impl Connection {
         let open = shared.services.metrics.connection();
         let activity = Arc::new(Activity::new());
         let tracked = activity.clone();
-        let service = service_fn(move |request| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let snapshot = shared.snapshot.load_full();
             let busy = tracked.begin();
+            let upgrade = wants_upgrade(&request);
+            let is_connect = request.method() == Method::CONNECT;
             async move {
-                let response = crate::proxy::handle(
+                let mut response = crate::proxy::handle(
                     snapshot,
                     request,
                     Peer {
@@ -265,13 +296,24 @@ impl Connection {
                     },
                 )
                 .await;
+                if upgrade && !upgraded(&response, is_connect) {
+                    // The framing guard stopped following this connection at the upgrade
+                    // request; one that did not switch protocols ends with this response
+                    // rather than carry on unguarded.
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
                 drop(busy);
                 Ok::<_, Infallible>(response)
             }
         });
         let connection = settings
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(FramingGuard::new(io, tracker, client_addr)),
+                service,
+            )
             .into_owned();
         let mut connection = std::pin::pin!(connection);
         let idle_timeout = settings.http.idle_timeout;
@@ -297,6 +339,24 @@ impl Connection {
         }
         drop(open);
     }
+}
+
+/// Whether hyper takes an HTTP/1 `request` as asking to switch protocols: `CONNECT`, or
+/// `Upgrade` in HTTP/1.1 (the same test as the framing guard's).
+fn wants_upgrade(request: &Request<Incoming>) -> bool {
+    match request.version() {
+        Version::HTTP_11 => {
+            request.method() == Method::CONNECT || request.headers().contains_key(UPGRADE)
+        }
+        Version::HTTP_10 => request.method() == Method::CONNECT,
+        _ => false,
+    }
+}
+
+/// Whether hyper hands the connection over after `response`.
+fn upgraded(response: &Response<ResponseBody>, connect: bool) -> bool {
+    response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (connect && response.status().is_success())
 }
 
 /// Whether a connection has requests in progress, and since when it has had none.
