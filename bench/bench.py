@@ -214,12 +214,13 @@ def nginx_conf(dir, name, modules, http):
 # ---------------------------------------------------------------------------------------------
 # wasmgate manifests
 
-def wasmgate_manifest(dir, name, port, upstream, chain, isolation, routes=1):
+def wasmgate_manifest(dir, name, port, upstream, chain, isolation, routes=1, plugin_dir=None):
+    plugin_dir = plugin_dir or PLUGINS
     plugins = {
-        "api-key": f"{PLUGINS}/api_key.wasm",
-        "header-rewrite": f"{PLUGINS}/header_rewrite.wasm",
-        "access-log": f"{PLUGINS}/access_log.wasm",
-        "jwt-auth": f"{PLUGINS}/jwt_auth.wasm",
+        "api-key": f"{plugin_dir}/api_key.wasm",
+        "header-rewrite": f"{plugin_dir}/header_rewrite.wasm",
+        "access-log": f"{plugin_dir}/access_log.wasm",
+        "jwt-auth": f"{plugin_dir}/jwt_auth.wasm",
     }
     configs = {
         "api-key": {"keys": [{"consumer": "bench", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}],
@@ -362,6 +363,8 @@ def main():
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
     parser.add_argument("--gateway", default=str(GATEWAY), help="the wasmgate binary to measure")
     parser.add_argument("--baseline", help="another wasmgate binary, measured as the target `wasmgate baseline` beside the bare one")
+    parser.add_argument("--baseline-plugins", help="the folder of .wasm plugins the baseline binary loads "
+                        "(default: the same as the measured one), for A/B runs across plugin changes")
     parser.add_argument("--only", help="comma-separated target names to run (no docs update), for A/B checks while tuning")
     args = parser.parse_args()
     GATEWAY = Path(args.gateway)
@@ -381,9 +384,9 @@ def main():
         return Target(name, ["nginx", "-c", str(nginx_conf(dir, name, modules, http))], port, headers,
                       log=f"{dir}/{slug(name)}.stderr.log")
 
-    def wasmgate_target(name, chain, isolation="per-request", headers=(), binary=None):
+    def wasmgate_target(name, chain, isolation="per-request", headers=(), binary=None, plugin_dir=None):
         port = free_port()
-        manifest = wasmgate_manifest(dir, slug(name), port, up_port, chain, isolation)
+        manifest = wasmgate_manifest(dir, slug(name), port, up_port, chain, isolation, plugin_dir=plugin_dir)
         return Target(name, [str(binary or GATEWAY), "run", "-c", str(manifest)], port, headers,
                       env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info"}, log=f"{dir}/{slug(name)}.log")
 
@@ -418,7 +421,8 @@ def main():
             with_baselines.append(target)
             if target.name in chains:
                 chain, isolation, headers = chains[target.name]
-                with_baselines.append(wasmgate_target(f"{target.name} baseline", chain, isolation, headers, args.baseline))
+                with_baselines.append(wasmgate_target(f"{target.name} baseline", chain, isolation, headers,
+                                                      args.baseline, args.baseline_plugins))
         targets = with_baselines
     started = [upstream]
     try:

@@ -124,7 +124,7 @@ impl Metrics {
         let plugin_duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> _);
         registry.register(
             "plugin_duration_seconds",
-            "Plugin invocation time (instantiation included in the request phase), by plugin and phase",
+            "Plugin invocation time (instantiation included in the request phase), by plugin and phase; only the phases a plugin asks for are called",
             plugin_duration.clone(),
         );
         let plugin_failures = Family::default();

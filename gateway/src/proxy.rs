@@ -213,6 +213,11 @@ async fn run_chain(
                 None => continue,
             },
         };
+        if !instance.wants_request() {
+            // Nothing to call; the plugin's later phases still run.
+            ran.push((link, instance));
+            continue;
+        }
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
         let (returned, decision) = instance.on_request(exchange).await;
@@ -280,6 +285,12 @@ async fn run_chain(
     exchange.response = Some(parts);
     let mut completing = Vec::new();
     for (link, mut instance) in ran.into_iter().rev() {
+        if !instance.wants_response() {
+            if instance.wants_complete() {
+                completing.push((link.plugin.clone(), instance));
+            }
+            continue;
+        }
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let started = Instant::now();

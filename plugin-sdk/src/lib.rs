@@ -95,6 +95,16 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// `check` warns when such a plugin is configured to fail open.
     const AUTH: bool = false;
 
+    /// Whether the plugin implements [`Plugin::on_request`]. Set it to `false` when it does not:
+    /// the gateway then skips the call (a call into a plugin is most of what it costs per
+    /// request). An [`AUTH`](Plugin::AUTH) plugin must keep it `true`; the gateway refuses one
+    /// that does not.
+    const ON_REQUEST: bool = true;
+
+    /// Whether the plugin implements [`Plugin::on_response`]. Set it to `false` when it does not,
+    /// and the gateway skips the call.
+    const ON_RESPONSE: bool = true;
+
     /// Whether the plugin implements [`Plugin::on_complete`]. The gateway keeps the instance until
     /// the response body has been sent only for plugins that set this.
     const ON_COMPLETE: bool = false;
@@ -106,7 +116,8 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// and again at the start of every instance.
     fn new(config: Self::Config) -> Result<Self, String>;
 
-    /// The request phase, in chain order, before the upstream is called.
+    /// The request phase, in chain order, before the upstream is called. Runs only when
+    /// [`Plugin::ON_REQUEST`] is `true` (the default).
     ///
     /// Returning [`Action::Respond`] answers the client at once: later plugins and the upstream
     /// are skipped. The default continues.
@@ -115,7 +126,8 @@ pub trait Plugin: Sized + Send + Sync + 'static {
         Action::Continue
     }
 
-    /// The response phase, in reverse chain order, once the response head is known.
+    /// The response phase, in reverse chain order, once the response head is known. Runs only
+    /// when [`Plugin::ON_RESPONSE`] is `true` (the default).
     ///
     /// Runs for every plugin whose request phase continued, whether the response came from the
     /// upstream, from a later plugin's [`Action::Respond`], or from the gateway (a 502 or 504).
@@ -470,6 +482,8 @@ mod glue {
         let _ = slot.set(plugin);
         Ok(__private::PluginInfo {
             auth: P::AUTH,
+            on_request: P::ON_REQUEST,
+            on_response: P::ON_RESPONSE,
             on_complete: P::ON_COMPLETE,
         })
     }

@@ -305,6 +305,47 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
         .fold(0.0, f64::max)
 }
 
+/// A plugin is called only in the phases it asks for: access-log only in the completion phase,
+/// header-rewrite in the request and response phases; the plugin duration histograms count the
+/// calls made.
+#[tokio::test]
+async fn plugins_are_called_only_in_the_phases_they_ask_for() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nadmin: {{ bind: \"127.0.0.1:0\" }}\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\n  log: {{ source: \"{{plugins}}/access_log.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: logged, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: log }}, {{ name: rewrite, config: {{ request: {{ set: {{ x-a: b }} }}, response: {{ set: {{ x-b: c }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&manifest).await;
+    for _ in 0..3 {
+        let response = gateway.get("x", "/a").await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(response.header("x-b"), "c");
+    }
+    assert_eq!(upstream.last().headers["x-a"], "b");
+    let calls = |scrape: &prometheus_parse::Scrape, plugin: &str, phase: &str| {
+        value(
+            scrape,
+            "wasmgate_plugin_duration_seconds",
+            &[("plugin", plugin), ("phase", phase)],
+        )
+    };
+    // The completion phase runs after the response body has gone: wait for it.
+    let mut scrape = scrape(gateway.admin()).await;
+    for _ in 0..50 {
+        if calls(&scrape, "log", "complete") == 3.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        scrape = self::scrape(gateway.admin()).await;
+    }
+    assert_eq!(calls(&scrape, "log", "complete"), 3.0);
+    assert_eq!(calls(&scrape, "log", "request"), 0.0);
+    assert_eq!(calls(&scrape, "log", "response"), 0.0);
+    assert_eq!(calls(&scrape, "rewrite", "request"), 3.0);
+    assert_eq!(calls(&scrape, "rewrite", "response"), 3.0);
+    assert_eq!(calls(&scrape, "rewrite", "complete"), 0.0);
+}
+
 #[tokio::test]
 async fn metrics_move_with_traffic_traps_and_reloads() {
     let upstream = TestUpstream::start("main").await;

@@ -188,6 +188,28 @@ async fn plain_api_keys_are_refused_at_load() {
     );
 }
 
+/// A plugin that says it decides who may pass but asks for no request phase would let every
+/// request through unchecked (the gateway skips phases a plugin does not ask for): refused at
+/// load, naming the route and the plugin.
+#[tokio::test]
+async fn an_auth_plugin_without_a_request_phase_is_refused_at_load() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  hollow: {{ source: \"{{plugins}}/hollow_auth_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: guarded, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: hollow }}] }}\n",
+        upstream.url()
+    );
+    let err = TestGateway::try_start(&text)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("route `guarded`: plugin `hollow`:")
+            && err.contains("asks for no request phase"),
+        "{err}"
+    );
+}
+
 /// The JSON of an access-log line, out of the gateway's log line.
 fn access_entry(line: &str) -> Value {
     let start = line.find('{').expect("a JSON object");

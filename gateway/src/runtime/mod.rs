@@ -193,7 +193,7 @@ impl Runtime {
             .map_err(|err| format!("`{shown}` cannot be linked: {err:#}"))?;
         let pre = PluginWorldPre::new(pre).map_err(|err| {
             format!(
-                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.1.0): {err:#}"
+                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.0): {err:#}"
             )
         })?;
         Ok(LoadedPlugin {
@@ -365,6 +365,8 @@ impl LoadedPlugin {
             in_call: None,
             ticker: self.ticker.clone(),
             auth: false,
+            wants_request: true,
+            wants_response: true,
             wants_complete: false,
             _slot: slot,
         };
@@ -375,8 +377,17 @@ impl LoadedPlugin {
             .call_configure(&mut instance.store, config)
             .await;
         match instance.finish(Phase::Configure, outcome)? {
+            Ok(info) if info.auth && !info.on_request => Err(PluginError {
+                kind: FailureKind::Config,
+                phase: Phase::Configure,
+                detail: "the plugin says it decides who may pass (auth) but asks for no request \
+                         phase, so it would let every request through"
+                    .into(),
+            }),
             Ok(info) => {
                 instance.auth = info.auth;
+                instance.wants_request = info.on_request;
+                instance.wants_response = info.on_response;
                 instance.wants_complete = info.on_complete;
                 Ok(instance)
             }
@@ -456,6 +467,9 @@ pub struct PluginInstance {
     in_call: Option<Ticking>,
     ticker: Arc<TickerState>,
     auth: bool,
+    /// The phases the plugin asked for when configured.
+    wants_request: bool,
+    wants_response: bool,
     wants_complete: bool,
     _slot: InstanceSlot,
 }
@@ -586,6 +600,16 @@ impl PluginInstance {
     /// Whether the plugin said, when configured, that it decides who may pass.
     pub fn is_auth(&self) -> bool {
         self.auth
+    }
+
+    /// Whether the plugin asked for the request phase; without it the phase continues.
+    pub fn wants_request(&self) -> bool {
+        self.wants_request
+    }
+
+    /// Whether the plugin asked for the response phase.
+    pub fn wants_response(&self) -> bool {
+        self.wants_response
     }
 
     /// Whether the plugin asked for the completion phase, and can still run it.
@@ -924,7 +948,7 @@ mod tests {
 
     #[test]
     fn only_the_contract_and_the_std_baseline_are_granted() {
-        assert!(is_granted("wasmgate:plugin/request@0.1.0"));
+        assert!(is_granted("wasmgate:plugin/request@0.2.0"));
         assert!(is_granted("wasi:cli/environment@0.2.6"));
         assert!(is_granted("wasi:filesystem/types@0.2.0"));
         assert!(!is_granted("wasi:sockets/tcp@0.2.6"));

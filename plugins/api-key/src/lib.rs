@@ -127,6 +127,7 @@ pub struct ApiKey {
 impl Plugin for ApiKey {
     type Config = Config;
     const AUTH: bool = true;
+    const ON_RESPONSE: bool = false;
 
     fn new(config: Config) -> Result<Self, String> {
         if config.header.is_some() && config.query.is_some() {

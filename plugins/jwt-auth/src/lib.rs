@@ -449,6 +449,7 @@ pub struct JwtAuth {
 impl Plugin for JwtAuth {
     type Config = Config;
     const AUTH: bool = true;
+    const ON_RESPONSE: bool = false;
 
     fn new(config: Config) -> Result<Self, String> {
         for header in config.forward_claims.values() {

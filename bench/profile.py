@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Profiles one wasmgate target under the load benchmark's conditions, with `perf`.
+
+Starts the benchmark's nginx upstream and one wasmgate (both pinned to CPU 0, WASMGATE_WORKERS=1,
+plugin code named through WASMGATE_PERF_MAP), drives it with wrk on CPU 1, records the gateway with
+`perf record -g` for the run, and prints the hottest symbols (self time) and the share of samples
+in the kernel, in plugin code and in the gateway binary. Needs what `bench/run` installs, a release
+build, the plugins built, and `perf`. For finding where time goes; the numbers to compare come from
+`bench/run`.
+
+    python3 bench/profile.py --chain policies --isolation pooled --seconds 10
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+CHAINS = {
+    "none": ([], ()),
+    "policies": (["api-key", "header-rewrite", "access-log"], (f"x-api-key: {bench.API_KEY}",)),
+    "jwt": (["jwt-auth", "header-rewrite", "access-log"], None),
+}
+
+
+def context_switches(pid):
+    """(voluntary, involuntary) context switches of `pid` so far."""
+    fields = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chain", choices=CHAINS, default="none")
+    parser.add_argument("--isolation", default="pooled")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--gateway", default=str(bench.GATEWAY))
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--nginx", action="store_true", help="profile nginx as a plain proxy instead")
+    args = parser.parse_args()
+
+    dir = tempfile.mkdtemp(prefix="wasmgate-profile-")
+    chain, headers = CHAINS[args.chain]
+    if headers is None:
+        headers = (f"Authorization: Bearer {bench.hs256_token()}",)
+    up_port = bench.free_port()
+    upstream = bench.Target("upstream", ["nginx", "-c", str(bench.nginx_conf(
+        dir, "upstream", "", bench.UPSTREAM_HTTP.format(port=up_port)))], up_port)
+    port = bench.free_port()
+    manifest = bench.wasmgate_manifest(dir, "profiled", port, up_port, chain, args.isolation)
+    gateway = bench.Target("wasmgate", [args.gateway, "run", "-c", str(manifest)], port, headers,
+                           env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_PERF_MAP": "1"},
+                           log=f"{dir}/gateway.log")
+    if args.nginx:
+        http = bench.PROXY_HTTP.format(upstream=up_port, port=port, extra_http="", location="")
+        gateway = bench.Target("nginx", ["nginx", "-c", str(bench.nginx_conf(dir, "proxy", "", http))], port)
+    data = f"{dir}/perf.data"
+    try:
+        upstream.start(dir)
+        gateway.start(dir)
+        bench.check_answers(gateway)
+        bench.wrk(gateway, args.connections, 2)  # warm-up
+        pid = gateway.pids()[-1]  # nginx: its worker
+        switches = context_switches(pid)
+        perf = subprocess.Popen(["perf", "record", "-g", "-o", data, "-p", str(pid),
+                                 "--", "sleep", str(args.seconds)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = bench.wrk(gateway, args.connections, args.seconds)
+        perf.wait()
+        voluntary, involuntary = (after - before for after, before in zip(context_switches(pid), switches))
+        print(f"{result['rps']:.0f} req/s, {result['cpu_us']:.1f} us of CPU per request, per request "
+              f"{voluntary / result['requests']:.2f} voluntary and {involuntary / result['requests']:.2f} "
+              "involuntary context switches")
+    finally:
+        gateway.stop()
+        upstream.stop()
+    report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym",
+                             "--stdio", "-g", "none", "--percent-limit", "0.3"],
+                            capture_output=True, text=True).stdout
+    rows = [line for line in report.splitlines() if line.strip() and not line.startswith("#")]
+    shares = {"kernel": 0.0, "plugin code": 0.0, "wasmgate": 0.0, "libc": 0.0}
+    everything = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso",
+                                 "--stdio", "-g", "none"], capture_output=True, text=True).stdout
+    for line in everything.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or not parts[0].endswith("%"):
+            continue
+        share, dso = float(parts[0].rstrip("%")), parts[1]
+        if dso.startswith("[kernel"):
+            shares["kernel"] += share
+        elif dso.startswith("perf-") or dso.startswith("[JIT") or dso.endswith(".map"):
+            shares["plugin code"] += share
+        elif dso in ("wasmgate", "nginx"):
+            shares["wasmgate"] += share
+        elif dso.startswith("libc"):
+            shares["libc"] += share
+    print(", ".join(f"{name} {share:.1f} %" for name, share in shares.items()))
+    print("\n".join(rows[: args.top]))
+
+
+if __name__ == "__main__":
+    main()
