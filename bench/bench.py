@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "target" / "wasm" / "wasm32-wasip2" / "release"
 GATEWAY = ROOT / "target" / "release" / "wasmgate"
+FLOOR = ROOT / "target" / "release" / "hyper-floor"
 API_KEY = "bench-key-0123456789"
 JWT_SECRET = "bench-secret-that-is-at-least-32-bytes-long"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -363,6 +364,7 @@ def main():
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
     parser.add_argument("--gateway", default=str(GATEWAY), help="the wasmgate binary to measure")
     parser.add_argument("--baseline", help="another wasmgate binary, measured as the target `wasmgate baseline` beside the bare one")
+    parser.add_argument("--floor", default=str(FLOOR), help="the hyper-floor binary (bench/hyper-floor)")
     parser.add_argument("--baseline-plugins", help="the folder of .wasm plugins the baseline binary loads "
                         "(default: the same as the measured one), for A/B runs across plugin changes")
     parser.add_argument("--only", help="comma-separated target names to run (no docs update), for A/B checks while tuning")
@@ -395,9 +397,13 @@ def main():
     policies = ["api-key", "header-rewrite", "access-log"]
     jwt_chain = ["jwt-auth", "header-rewrite", "access-log"]
     direct = Target("direct (upstream)", [], up_port)
+    floor_port = free_port()
+    floor = Target("hyper floor", [args.floor, f"127.0.0.1:{floor_port}", f"127.0.0.1:{up_port}"], floor_port,
+                   log=f"{dir}/hyper-floor.log")
     targets = [
         direct,
         nginx_target("nginx", "", "", ""),
+        floor,
         wasmgate_target("wasmgate", []),
         nginx_target("nginx+lua policies", LUA_MODULES, LUA_HTTP.format(dir=dir, key_hash=key_hash), LUA_LOCATION, key_header),
         wasmgate_target("wasmgate policies", policies, headers=key_header),
@@ -505,7 +511,9 @@ def render(targets, connection_counts, results, args, memory):
         "median shown. Upstream and proxy pinned to CPU 0, wrk to CPU 1; nginx with 1 worker, wasmgate with "
         "WASMGATE_WORKERS=1 (one thread, one event loop); keep-alive everywhere. Policies: api-key (SHA-256 of the key), header rewrite "
         "both ways, JSON access log line per request to a file. jwt: HS256 verify (+ iss, exp), same rewrite, "
-        "JSON log (nginx+njs: njs verifies, native nginx rewrites and logs).",
+        "JSON log (nginx+njs: njs verifies, native nginx rewrites and logs). hyper floor: bench/hyper-floor, "
+        "wasmgate's HTTP stack alone (hyper-util auto server + legacy pooled client, one current-thread "
+        "runtime, nothing else), to tell wasmgate's own cost from its stack's.",
         "",
         *rows,
         "",

@@ -88,10 +88,13 @@ pub fn apply(
         IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
     };
     if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        if host.bytes().all(is_token_byte) {
-            element.push_str(&format!(";host={host}"));
+        let quote = if host.bytes().all(is_token_byte) {
+            ""
         } else {
-            element.push_str(&format!(";host=\"{host}\""));
+            "\""
+        };
+        for part in [";host=", quote, host, quote] {
+            element.push_str(part);
         }
     }
     element.push_str(";proto=");

@@ -642,11 +642,16 @@ impl Outgoing {
         body: OutgoingBody,
     ) -> Outgoing {
         let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
-        let path_and_query = match client_uri.query() {
-            Some(query) => http::uri::PathAndQuery::try_from(format!("{path}?{query}")),
-            None => http::uri::PathAndQuery::try_from(path.as_ref()),
-        }
-        .expect("a path and query taken from a parsed URI stay valid");
+        let path_and_query = match client_uri.path_and_query() {
+            // Nothing stripped: the client's path and query (normalised already), shared rather
+            // than copied and parsed again.
+            Some(unchanged) if path.len() == client_uri.path().len() => unchanged.clone(),
+            _ => match client_uri.query() {
+                Some(query) => http::uri::PathAndQuery::try_from(format!("{path}?{query}")),
+                None => http::uri::PathAndQuery::try_from(path.as_ref()),
+            }
+            .expect("a path and query taken from a parsed URI stay valid"),
+        };
         Outgoing {
             method: method.clone(),
             path_and_query,
@@ -670,11 +675,11 @@ impl Outgoing {
         last: bool,
     ) -> Option<Request<UpstreamBody>> {
         let body = self.body.for_attempt()?;
-        let uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(target.scheme.clone());
+        parts.authority = Some(target.authority.clone());
+        parts.path_and_query = Some(self.path_and_query.clone());
+        let uri = Uri::from_parts(parts)
             .expect("scheme, checked authority and a checked path form a valid URI");
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
@@ -944,20 +949,28 @@ pub fn gateway_error(status: StatusCode, reason: &'static str) -> Response<Proxy
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1): those named in `Connection`, and the fixed set.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Hop-by-hop headers, `Upgrade` among them: an upgrade is passed on explicitly, only once the
+/// request phase has allowed it.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, `Upgrade` among them: an upgrade is passed on explicitly, only
-/// once the request phase has allowed it.
+/// Removes hop-by-hop headers, and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Runs twice per request. Most messages carry none of these: one pass over the names present
+    // (compared as known names, without hashing) settles that, where a removal per listed name
+    // would hash each of them.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -970,10 +983,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove(http::header::UPGRADE);
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@
 //! are escaped by the JSON encoding.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -132,11 +131,17 @@ impl AccessLog {
                 line.push(b',');
             }
             // Field names are plain ASCII words: no escaping needed.
-            let _ = write!(line, "\"{field}\":");
+            line.push(b'"');
+            line.extend_from_slice(field.as_bytes());
+            line.extend_from_slice(b"\":");
             // serde_json escapes quotes and control characters in every value written.
             let written = match (*field, value) {
-                ("time", _) => write!(line, "\"{}\"", rfc3339(entry.time.0, entry.time.1))
-                    .map_err(serde_json::Error::io),
+                ("time", _) => {
+                    line.push(b'"');
+                    write_rfc3339(&mut line, entry.time.0, entry.time.1);
+                    line.push(b'"');
+                    Ok(())
+                }
                 ("headers", _) => self.write_headers(&mut line, &entry.headers),
                 ("query", Some(Value::String(query))) => {
                     serde_json::to_writer(&mut line, &self.redact_query(query))
@@ -193,6 +198,14 @@ impl AccessLog {
 
 /// Formats a Unix time as RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(secs: u64, nanos: u32) -> String {
+    let mut text = Vec::with_capacity(24);
+    write_rfc3339(&mut text, secs, nanos);
+    String::from_utf8(text).unwrap_or_default()
+}
+
+/// Writes a Unix time as RFC 3339 in UTC with milliseconds, without the formatting machinery
+/// (this runs for every request).
+fn write_rfc3339(out: &mut Vec<u8>, secs: u64, nanos: u32) {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -205,13 +218,34 @@ pub fn rfc3339(secs: u64, nanos: u32) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        nanos / 1_000_000
-    )
+    let parts = [
+        (year.max(0) as u64, 4, b'-'),
+        (month as u64, 2, b'-'),
+        (day as u64, 2, b'T'),
+        (rem / 3600, 2, b':'),
+        (rem % 3600 / 60, 2, b':'),
+        (rem % 60, 2, b'.'),
+        (u64::from(nanos / 1_000_000), 3, b'Z'),
+    ];
+    for (value, width, after) in parts {
+        push_padded(out, value, width);
+        out.push(after);
+    }
+}
+
+/// Writes `value` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start.min(digits.len() - width)..]);
 }
 
 fn number(text: Option<String>) -> Option<Value> {
@@ -374,5 +408,9 @@ mod tests {
     fn dates_are_civil_utc() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400, 5_000_000), "2000-02-29T00:00:00.005Z");
+        assert_eq!(
+            rfc3339(1_764_419_696, 999_999_999),
+            "2025-11-29T12:34:56.999Z"
+        );
     }
 }
