@@ -24,6 +24,10 @@ CHAINS = {
     "none": ([], ()),
     "policies": (["api-key", "header-rewrite", "access-log"], (f"x-api-key: {bench.API_KEY}",)),
     "jwt": (["jwt-auth", "header-rewrite", "access-log"], None),
+    # One plugin at a time, to split a chain's cost.
+    "api-key": (["api-key"], (f"x-api-key: {bench.API_KEY}",)),
+    "header-rewrite": (["header-rewrite"], ()),
+    "access-log": (["access-log"], ()),
 }
 
 
