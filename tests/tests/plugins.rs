@@ -175,11 +175,7 @@ async fn plain_api_keys_are_refused_at_load() {
         "keys: [{ consumer: alice, key: k-alice }]\n          forward_consumer",
         1,
     );
-    let err = TestGateway::try_start(&text)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = load_error(&text).await;
     assert!(
         err.contains(
             "route `keyed`: plugin `api-key`: invalid config: keys[0]: a plain `key` is refused"
@@ -198,16 +194,21 @@ async fn an_auth_plugin_without_a_request_phase_is_refused_at_load() {
         "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  hollow: {{ source: \"{{plugins}}/hollow_auth_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: guarded, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: hollow }}] }}\n",
         upstream.url()
     );
-    let err = TestGateway::try_start(&text)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = load_error(&text).await;
     assert!(
         err.contains("route `guarded`: plugin `hollow`:")
             && err.contains("asks for no request phase"),
         "{err}"
     );
+}
+
+/// Why the gateway refuses to start with `manifest`; fails the test if it starts.
+async fn load_error(manifest: &str) -> String {
+    TestGateway::try_start(manifest)
+        .await
+        .err()
+        .expect("refused")
+        .to_string()
 }
 
 /// The JSON of an access-log line, out of the gateway's log line.
