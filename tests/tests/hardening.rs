@@ -167,6 +167,62 @@ async fn a_refused_upgrade_closes_the_connection() {
     assert!(upstream.seen().is_empty());
 }
 
+/// `Expect: 100-continue`, the body sent only after the interim answer, then more requests on
+/// the same connection: the guard follows a body that arrives late and in pieces.
+#[tokio::test]
+async fn a_body_sent_after_100_continue_keeps_the_connection_in_step() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream, "")).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    for piece in [&b"01234"[..], b"56789"] {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = read_until(&mut stream, "\r\n\r\n").await;
+    assert_eq!(raw_status(&first), 200, "{first}");
+    // Whatever body the upstream's answer carries, the next request on this connection is
+    // read as a request (a second POST whose body looks like an ambiguous head, then a GET).
+    let decoy = "GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+    let more = format!(
+        "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{decoy}GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        decoy.len()
+    );
+    stream.write_all(more.as_bytes()).await.unwrap();
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(QUIET, stream.read_to_string(&mut rest)).await;
+    let statuses: Vec<&str> = rest
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &rest[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200"], "{first}{rest}");
+    let seen = upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|seen| seen.uri.as_str()).collect();
+    assert_eq!(paths, ["/a", "/b", "/c"]);
+    assert_eq!(seen[0].body_len, 10);
+    assert_eq!(seen[1].body_len, decoy.len());
+}
+
+/// Reads from `stream` until `end` has been seen (or a quiet spell), returning what was read.
+async fn read_until(stream: &mut tokio::net::TcpStream, end: &str) -> String {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains(end) {
+        match tokio::time::timeout(QUIET, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => received.extend_from_slice(&buffer[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
 #[tokio::test]
 async fn limits_answer_414_431_and_413() {
     let upstream = TestUpstream::start("main").await;
