@@ -116,9 +116,7 @@ impl Tracker {
     pub(crate) fn off() -> Tracker {
         Tracker {
             state: State::Opaque,
-            partial: Vec::new(),
-            max_headers: 0,
-            max_head: 0,
+            ..Tracker::new(0, 0)
         }
     }
 

@@ -700,6 +700,14 @@ pub fn raw_status(response: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// The status codes of every response in raw HTTP/1.1 text, in order (pipelined answers).
+pub fn raw_statuses(responses: &str) -> Vec<&str> {
+    responses
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| responses.get(at + 9..at + 12))
+        .collect()
+}
+
 /// One step of a [`ScriptedUpstream`]'s answer.
 #[derive(Debug, Clone)]
 pub enum Step {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wasmgate_tests::{TestGateway, TestUpstream, raw_exchange, raw_status};
+use wasmgate_tests::{TestGateway, TestUpstream, raw_exchange, raw_status, raw_statuses};
 
 const QUIET: Duration = Duration::from_millis(1500);
 
@@ -138,11 +138,7 @@ async fn length_with_chunked_and_repeated_lengths_are_refused() {
         ambiguous[0],
     );
     let response = raw_exchange(gateway.addr, pipeline.as_bytes(), QUIET).await;
-    let statuses: Vec<&str> = response
-        .match_indices("HTTP/1.1 ")
-        .map(|(at, _)| &response[at + 9..at + 12])
-        .collect();
-    assert_eq!(statuses, ["200", "200", "400"], "{response}");
+    assert_eq!(raw_statuses(&response), ["200", "200", "400"], "{response}");
     let seen = upstream.seen();
     let paths: Vec<&str> = seen.iter().map(|seen| seen.uri.as_str()).collect();
     assert_eq!(paths, ["/one", "/two"]);
@@ -198,11 +194,7 @@ async fn a_body_sent_after_100_continue_keeps_the_connection_in_step() {
     stream.write_all(more.as_bytes()).await.unwrap();
     let mut rest = String::new();
     let _ = tokio::time::timeout(QUIET, stream.read_to_string(&mut rest)).await;
-    let statuses: Vec<&str> = rest
-        .match_indices("HTTP/1.1 ")
-        .map(|(at, _)| &rest[at + 9..at + 12])
-        .collect();
-    assert_eq!(statuses, ["200", "200"], "{first}{rest}");
+    assert_eq!(raw_statuses(&rest), ["200", "200"], "{first}{rest}");
     let seen = upstream.seen();
     let paths: Vec<&str> = seen.iter().map(|seen| seen.uri.as_str()).collect();
     assert_eq!(paths, ["/a", "/b", "/c"]);
