@@ -47,6 +47,8 @@ def main():
     parser.add_argument("--gateway", default=str(bench.GATEWAY))
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--nginx", action="store_true", help="profile nginx as a plain proxy instead")
+    parser.add_argument("--floor", action="store_true",
+                        help="profile the hyper floor (wasmgate's HTTP stack alone) instead")
     args = parser.parse_args()
 
     dir = tempfile.mkdtemp(prefix="wasmgate-profile-")
@@ -64,6 +66,9 @@ def main():
     if args.nginx:
         http = bench.PROXY_HTTP.format(upstream=up_port, port=port, extra_http="", location="")
         gateway = bench.Target("nginx", ["nginx", "-c", str(bench.nginx_conf(dir, "proxy", "", http))], port)
+    if args.floor:
+        gateway = bench.Target("hyper floor", [str(bench.FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{up_port}"],
+                               port)
     data = f"{dir}/perf.data"
     try:
         upstream.start(dir)
@@ -100,7 +105,7 @@ def main():
             shares["kernel"] += share
         elif dso.startswith("perf-") or dso.startswith("[JIT") or dso.endswith(".map"):
             shares["plugin code"] += share
-        elif dso in ("wasmgate", "nginx"):
+        elif dso in ("wasmgate", "nginx", "hyper-floor"):
             shares["wasmgate"] += share
         elif dso.startswith("libc"):
             shares["libc"] += share
@@ -118,7 +123,7 @@ def by_crate(data):
     crates = {}
     for line in report.splitlines():
         parts = line.split(None, 3)
-        if len(parts) < 4 or not parts[0].endswith("%") or parts[1] not in ("wasmgate", "nginx"):
+        if len(parts) < 4 or not parts[0].endswith("%") or parts[1] not in ("wasmgate", "nginx", "hyper-floor"):
             continue
         symbol = parts[3].lstrip("<").replace("_<", "")
         crate = symbol.split("::", 1)[0] if "::" in symbol else "(other)"

@@ -18,11 +18,62 @@ use tokio::time::Sleep;
 /// streaming case.
 pub enum ProxyBody {
     /// Streamed from a peer.
-    Streamed(Incoming),
+    Streamed(Stream),
     /// Streamed from a peer, failing if it has not ended by the deadline.
-    Timed(Incoming, Pin<Box<Sleep>>),
+    Timed(Stream, Pin<Box<Sleep>>),
     /// Held in memory.
     Full(Full<Bytes>),
+}
+
+/// A body read from a peer: through hyper (clients, and upstreams hyper's client serves), or
+/// from an upstream connection of wasmgate's own HTTP/1.1 client.
+pub enum Stream {
+    /// Read by hyper.
+    Hyper(Incoming),
+    /// Read by [`crate::h1`].
+    Native(crate::h1::Body),
+}
+
+impl From<Incoming> for Stream {
+    fn from(incoming: Incoming) -> Self {
+        Stream::Hyper(incoming)
+    }
+}
+
+impl From<crate::h1::Body> for Stream {
+    fn from(body: crate::h1::Body) -> Self {
+        Stream::Native(body)
+    }
+}
+
+impl Body for Stream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both variants are `Unpin`.
+        match self.get_mut() {
+            Stream::Hyper(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+            Stream::Native(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Stream::Hyper(incoming) => incoming.is_end_stream(),
+            Stream::Native(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Stream::Hyper(incoming) => incoming.size_hint(),
+            Stream::Native(body) => body.size_hint(),
+        }
+    }
 }
 
 /// A body held in memory.
@@ -31,13 +82,13 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// A streamed body.
-pub fn streamed(incoming: Incoming) -> ProxyBody {
-    ProxyBody::Streamed(incoming)
+pub fn streamed(stream: impl Into<Stream>) -> ProxyBody {
+    ProxyBody::Streamed(stream.into())
 }
 
 /// A streamed body that fails once `deadline` passes before its end.
-pub fn streamed_until(incoming: Incoming, deadline: tokio::time::Instant) -> ProxyBody {
-    ProxyBody::Timed(incoming, Box::pin(tokio::time::sleep_until(deadline)))
+pub fn streamed_until(stream: impl Into<Stream>, deadline: tokio::time::Instant) -> ProxyBody {
+    ProxyBody::Timed(stream.into(), Box::pin(tokio::time::sleep_until(deadline)))
 }
 
 /// The deadline of a [`ProxyBody::Timed`] passed.
@@ -45,7 +96,8 @@ pub fn streamed_until(incoming: Incoming, deadline: tokio::time::Instant) -> Pro
 #[error("the body did not end before the request deadline")]
 pub struct DeadlinePassed;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// An error of any kind, as bodies and clients report them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for ProxyBody {
     type Data = Bytes;
@@ -57,12 +109,12 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Every variant is `Unpin`.
         match self.get_mut() {
-            ProxyBody::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Timed(incoming, deadline) => {
+            ProxyBody::Streamed(stream) => Pin::new(stream).poll_frame(cx),
+            ProxyBody::Timed(stream, deadline) => {
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(DeadlinePassed.into())));
                 }
-                Pin::new(incoming).poll_frame(cx).map_err(Into::into)
+                Pin::new(stream).poll_frame(cx)
             }
             ProxyBody::Full(full) => Pin::new(full)
                 .poll_frame(cx)
@@ -72,16 +124,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Streamed(incoming) | ProxyBody::Timed(incoming, _) => {
-                incoming.is_end_stream()
-            }
+            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.is_end_stream(),
             ProxyBody::Full(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Streamed(incoming) | ProxyBody::Timed(incoming, _) => incoming.size_hint(),
+            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.size_hint(),
             ProxyBody::Full(full) => full.size_hint(),
         }
     }

@@ -8,7 +8,8 @@
 //! - [`proxy`]: the request phase of the route's plugin chain, the upstream call, the response
 //!   phase;
 //! - [`runtime`]: the wasmtime engine, compiled plugins and per-request instances;
-//! - [`upstream`]: target selection and pooled keep-alive connections.
+//! - [`upstream`]: target selection and pooled keep-alive connections;
+//! - [`h1`]: wasmgate's own HTTP/1.1 client, for plain-HTTP upstreams.
 //!
 //! [`manifest`] parses the YAML the operator writes; [`snapshot`] turns it into the immutable
 //! set of routes, plugins and upstreams that the proxy serves from. A reload (SIGHUP, a change
@@ -21,6 +22,7 @@ pub mod body;
 pub mod cli;
 pub mod forwarded;
 mod framing;
+pub mod h1;
 mod listener;
 pub mod manifest;
 pub mod metrics;

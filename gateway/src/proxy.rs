@@ -26,7 +26,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{
-    BodyError, OnEnd, ProxyBody, ResponseBody, UpstreamBody, full, streamed, streamed_until,
+    BodyError, BoxError, OnEnd, ProxyBody, ResponseBody, Stream, UpstreamBody, full, streamed,
+    streamed_until,
 };
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
@@ -34,7 +35,7 @@ use crate::router::RouteMatch;
 use crate::runtime::{Decision, Exchange, FailureKind, Lease, LoadedPlugin, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
-use crate::upstream::{Target, Tried};
+use crate::upstream::{Target, Tried, Upstream};
 
 /// The client end of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -615,6 +616,11 @@ impl OutgoingBody {
         OutgoingBody::Streamed(Some(body.limited(limit)))
     }
 
+    /// Whether wasmgate's own client may send it: known whole and small.
+    fn fits_native_client(&self) -> bool {
+        matches!(self, OutgoingBody::Replayable(bytes, _) if bytes.len() <= crate::h1::MAX_BODY)
+    }
+
     /// The body for one attempt; `None` once a streamed body has been sent.
     fn for_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
@@ -666,6 +672,31 @@ impl Outgoing {
         self.method.is_idempotent() && matches!(self.body, OutgoingBody::Replayable(..))
     }
 
+    /// The request for one attempt through wasmgate's own client; the body must be one it
+    /// takes ([`OutgoingBody::fits_native_client`]). `last` as for [`Outgoing::attempt`].
+    fn native_attempt(&mut self, last: bool) -> crate::h1::Request {
+        let body = match &self.body {
+            OutgoingBody::Replayable(bytes, counter) => {
+                // The whole body is written before the answer is read.
+                if let Some(counter) = counter {
+                    counter.store(bytes.len() as u64, Ordering::Relaxed);
+                }
+                bytes.clone()
+            }
+            OutgoingBody::Streamed(_) => Bytes::new(),
+        };
+        crate::h1::Request {
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            headers: if last {
+                std::mem::take(&mut self.headers)
+            } else {
+                self.headers.clone()
+            },
+            body,
+        }
+    }
+
     /// The request for one attempt on `target`; `None` when the body cannot be sent again.
     /// `last` says no attempt follows, so the headers can be moved rather than copied.
     fn attempt(
@@ -692,6 +723,45 @@ impl Outgoing {
             self.headers.clone()
         };
         Some(request)
+    }
+}
+
+/// One attempt's request, for the client that sends it.
+enum Attempt {
+    /// Through wasmgate's own HTTP/1.1 client.
+    Native(crate::h1::Request),
+    /// Through hyper's client.
+    Hyper(Request<UpstreamBody>),
+}
+
+impl Attempt {
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        match self {
+            Attempt::Native(request) => &mut request.headers,
+            Attempt::Hyper(request) => request.headers_mut(),
+        }
+    }
+
+    /// Sends the request to `target` and waits for the response head.
+    async fn send(
+        self,
+        upstream: &Upstream,
+        target: &Target,
+        client: usize,
+    ) -> Result<Response<Stream>, BoxError> {
+        match self {
+            Attempt::Native(request) => {
+                let response = target
+                    .pool
+                    .send(request, upstream.connect_timeout(client))
+                    .await?;
+                Ok(response.map(Stream::from))
+            }
+            Attempt::Hyper(request) => {
+                let response = upstream.client(client).request(request).await?;
+                Ok(response.map(Stream::from))
+            }
+        }
     }
 }
 
@@ -746,8 +816,18 @@ async fn forward(
         tried.add(index);
         let target = upstream.target(index);
         let last = attempt + 1 == attempts;
-        let Some(mut request) = outgoing.attempt(target, upstream.version, last) else {
-            break;
+        // The common case, a request with a small whole body (or none) to a plain HTTP/1.1
+        // target, goes through wasmgate's own client; everything else through hyper's.
+        let native = upgrade.is_none()
+            && upstream.speaks_plain_http1(target)
+            && outgoing.body.fits_native_client();
+        let mut request = if native {
+            Attempt::Native(outgoing.native_attempt(last))
+        } else {
+            let Some(request) = outgoing.attempt(target, upstream.version, last) else {
+                break;
+            };
+            Attempt::Hyper(request)
         };
         if let Some(upgrade) = &upgrade {
             let headers = request.headers_mut();
@@ -767,7 +847,7 @@ async fn forward(
         let sent = Instant::now();
         let outcome = {
             let _outstanding = upstream.begin(index);
-            tokio::time::timeout(head_wait, upstream.client(route.client).request(request)).await
+            tokio::time::timeout(head_wait, request.send(upstream, target, route.client)).await
         };
         target.duration.observe(sent.elapsed().as_secs_f64());
         let attempt_failure = match outcome {
@@ -775,7 +855,7 @@ async fn forward(
                 upstream.succeeded(index);
                 return answer(route, response, upgrade.take(), deadline, ids, target);
             }
-            Ok(Err(err)) => match BodyError::find(&err) {
+            Ok(Err(err)) => match BodyError::find(&*err) {
                 Some(BodyError::TooLarge(_)) => {
                     tracing::debug!(
                         route = &*route.name,
@@ -791,14 +871,14 @@ async fn forward(
                         "request body could not be read",
                     )
                 }
-                None if is_timeout(&err) => {
+                None if is_timeout(&*err) => {
                     upstream.failed(index);
-                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&err), "upstream connect timed out");
+                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&*err), "upstream connect timed out");
                     AttemptFailure::TimedOut
                 }
                 None => {
                     upstream.failed(index);
-                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&err), "upstream request failed");
+                    tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, attempt, error = %error_chain(&*err), "upstream request failed");
                     AttemptFailure::Transport
                 }
             },
@@ -839,7 +919,7 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 /// the body held to the request deadline, an agreed upgrade tunnelled.
 fn answer(
     route: &Route,
-    mut response: Response<Incoming>,
+    mut response: Response<Stream>,
     upgrade: Option<Upgrade>,
     deadline: Option<tokio::time::Instant>,
     ids: &RequestIds,

@@ -71,6 +71,9 @@ pub struct Target {
     ejected_until: AtomicU64,
     /// What the last probes said (true without probes).
     probe_healthy: AtomicBool,
+    /// Idle connections of wasmgate's own HTTP/1.1 client ([`crate::h1`]); used for `http://`
+    /// targets of an upstream that does not speak HTTP/2.
+    pub pool: Arc<crate::h1::Pool>,
 }
 
 impl Target {
@@ -150,7 +153,6 @@ impl Upstream {
                 healthy_gauge.set(1);
                 Ok(Target {
                     scheme,
-                    authority,
                     weight: t.weight.max(1),
                     duration,
                     healthy_gauge,
@@ -158,6 +160,8 @@ impl Upstream {
                     consecutive_failures: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
                     probe_healthy: AtomicBool::new(true),
+                    pool: Arc::new(crate::h1::Pool::new(authority.clone())),
+                    authority,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -323,6 +327,17 @@ impl Upstream {
     /// A pooled client, by [`Upstream::client_index`].
     pub fn client(&self, index: usize) -> &UpstreamClient {
         &self.clients.get(index).unwrap_or(&self.clients[0]).1
+    }
+
+    /// The connect timeout of a client, by [`Upstream::client_index`].
+    pub fn connect_timeout(&self, index: usize) -> Duration {
+        self.clients.get(index).unwrap_or(&self.clients[0]).0
+    }
+
+    /// Whether requests to `target` may go through wasmgate's own HTTP/1.1 client: a plain
+    /// `http://` target of an upstream that speaks HTTP/1.1.
+    pub fn speaks_plain_http1(&self, target: &Target) -> bool {
+        target.scheme == Scheme::HTTP && self.version == Version::HTTP_11
     }
 
     /// Starts the active health checks, if configured, on the current runtime. They stop when

@@ -15,6 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
+mod native;
+
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
@@ -23,10 +25,59 @@ fn main() -> std::io::Result<()> {
     };
     let listen: SocketAddr = listen.parse().map_err(std::io::Error::other)?;
     let upstream: SocketAddr = upstream.parse().map_err(std::io::Error::other)?;
-    tokio::runtime::Builder::new_current_thread()
+    let mode = args.next();
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(listen, upstream))
+        .build()?;
+    match mode.as_deref() {
+        None => runtime.block_on(serve(listen, upstream)),
+        Some("native-client") => runtime.block_on(serve_native_client(listen, upstream)),
+        Some("raw") => runtime.block_on(serve_raw(listen, upstream)),
+        Some(other) => {
+            eprintln!("unknown mode {other}: native-client or raw");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// hyper's server with the hand-written client of [`native`].
+async fn serve_native_client(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let pool = native::Pool::new(upstream);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let pool = pool.clone();
+                async move {
+                    Ok::<_, Infallible>(match native::forward(pool, request).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            let mut response = Response::new(http_body_util::Full::default());
+                            *response.status_mut() = StatusCode::BAD_GATEWAY;
+                            response
+                        }
+                    })
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// No hyper at all: [`native::raw`] per connection.
+async fn serve_raw(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let pool = native::Pool::new(upstream);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(native::raw(stream, pool.clone()));
+    }
 }
 
 async fn serve(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {

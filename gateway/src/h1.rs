@@ -1,0 +1,882 @@
+//! wasmgate's own HTTP/1.1 client, for plain-HTTP upstreams (docs/design.md, "Session 5").
+//!
+//! hyper-util's pooled client runs every upstream connection as a task of its own and hands each
+//! request to it over a channel, the response and each body frame coming back the same way.
+//! Measured, that costs about 4.7 µs of CPU per proxied request, a third of what nginx spends on a
+//! whole one (docs/performance.md). Here the request's own task takes an idle connection from
+//! the target's pool, writes the head and the body with one write, reads and parses the response
+//! head with httparse, and hands the connection to the response body, which reads straight from
+//! the socket and gives the connection back to the pool once the body has ended.
+//!
+//! It carries requests whose body is known whole and at most [`MAX_BODY`] bytes (every bodiless
+//! request) to `http://` targets that speak HTTP/1.1, without an upgrade. Streamed uploads, TLS,
+//! HTTP/2 and upgrades still go through hyper's client, which reads the answer while it writes.
+//!
+//! What it does, as a production client must:
+//! - framing by RFC 9112 section 6.3: no body for `HEAD`, 1xx, 204 and 304; chunked when it is
+//!   the last transfer coding (which then overrides `Content-Length`); `Content-Length` (repeated
+//!   only with the same value); otherwise the body runs to the end of the connection;
+//! - interim answers (100, 102, 103) skipped; at most 100 header fields and [`MAX_HEAD`] bytes of
+//!   head, as hyper's client allows;
+//! - a connection goes back to the pool only after a whole body, when both sides keep it alive,
+//!   and with no byte left over; an idle one is dropped after [`IDLE_TIMEOUT`], and is checked
+//!   before reuse (the reactor has seen it readable: the upstream closed it);
+//! - a reused connection that fails before any byte of an answer is a connection the upstream
+//!   closed while idle: an idempotent request is sent again, once, on a new connection;
+//! - a body the upstream cuts short (closed early, bad chunk framing) ends with an error, so that
+//!   the client's response is cut too rather than passed as whole.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The largest request body sent through this client. A larger one goes through hyper's client,
+/// which reads the answer while it writes, so that an upstream that answers early (a 413) and
+/// stops reading is not left waiting on a write.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The most header fields in a response head (hyper's client default).
+const MAX_HEADERS: usize = 100;
+
+/// The largest response head, 1xx heads before it included (hyper's client default buffer).
+pub const MAX_HEAD: usize = 8192 + 4096 * 100;
+
+/// How much room a read asks for.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// The longest line of a chunk size, extensions included, and the most trailer bytes.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// How long a connection may wait in the pool (hyper's client default).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The most idle connections kept per target and thread slot.
+const MAX_IDLE: usize = 256;
+
+/// Idle lists per target. A worker thread takes from and gives back to its own slot, so that a
+/// connection is mostly used by the event loop whose reactor it is registered with, and workers
+/// do not contend for one lock.
+const SLOTS: usize = 8;
+
+/// A request as this client sends it.
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// The request target, origin form.
+    pub path_and_query: PathAndQuery,
+    /// The header fields; framing fields (`Content-Length`, `Transfer-Encoding`) are written by
+    /// the client from the body.
+    pub headers: HeaderMap,
+    /// The whole body, at most [`MAX_BODY`] bytes.
+    pub body: Bytes,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection could be made; a timeout is an [`io::ErrorKind::TimedOut`] source.
+    #[error("cannot connect to {authority}")]
+    Connect {
+        /// The target.
+        authority: Authority,
+        /// What connecting said.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection failed while the request was written or the answer read.
+    #[error("upstream connection failed")]
+    Io(#[source] io::Error),
+    /// The upstream closed the connection before a whole response head.
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    /// The response head is not one this client accepts.
+    #[error("invalid response head: {0}")]
+    Head(&'static str),
+}
+
+/// A target's idle connections.
+#[derive(Debug)]
+pub struct Pool {
+    authority: Authority,
+    slots: [Mutex<VecDeque<Idle>>; SLOTS],
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// An open connection and the bytes read from it that are not consumed yet.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+thread_local! {
+    /// This thread's pool slot.
+    static SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS
+    };
+}
+
+fn slot() -> usize {
+    SLOT.with(|slot| *slot)
+}
+
+impl Pool {
+    /// An empty pool for the target at `authority`.
+    pub fn new(authority: Authority) -> Pool {
+        Pool {
+            authority,
+            slots: std::array::from_fn(|_| Mutex::new(VecDeque::new())),
+        }
+    }
+
+    /// Sends `request` and waits for the response head; the body streams from the connection.
+    /// `connect_timeout` bounds making a new connection; the caller bounds the whole wait.
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request,
+        connect_timeout: Duration,
+    ) -> Result<Response<Body>, Error> {
+        let head_only = request.method == Method::HEAD;
+        let message = self.encode(&request);
+        let mut fresh_only = false;
+        loop {
+            let idle = if fresh_only { None } else { self.take() };
+            let (mut conn, reused) = match idle {
+                Some(conn) => (conn, true),
+                None => (self.connect(connect_timeout).await?, false),
+            };
+            match exchange(&mut conn, &message, head_only).await {
+                Ok(head) => return Ok(self.response(conn, head)),
+                // The upstream closed an idle connection as it was being reused: it has not
+                // seen the request. Sent again only where doing so twice is harmless anyway.
+                Err(Failure::Unanswered(_)) if reused && request.method.is_idempotent() => {
+                    fresh_only = true;
+                }
+                Err(Failure::Unanswered(err) | Failure::Answering(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// The request line, header fields and body as one buffer.
+    fn encode(&self, request: &Request) -> Vec<u8> {
+        let headers = &request.headers;
+        let mut out = Vec::with_capacity(256 + headers.len() * 32 + request.body.len());
+        out.extend_from_slice(request.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(request.path_and_query.as_str().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        if !headers.contains_key(HOST) {
+            field(&mut out, b"host", self.authority.as_str().as_bytes());
+        }
+        let mut declared_length = false;
+        for (name, value) in headers {
+            if name == CONTENT_LENGTH {
+                declared_length = true;
+                continue;
+            }
+            if name == TRANSFER_ENCODING {
+                continue;
+            }
+            field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        // The length is the body's own, whatever a plugin left in the header; a bodiless
+        // request says `0` only where the client said so.
+        if !request.body.is_empty() || declared_length {
+            field(
+                &mut out,
+                b"content-length",
+                decimal(request.body.len()).as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&request.body);
+        out
+    }
+
+    /// An idle connection from this thread's slot that is still open, if there is one.
+    fn take(&self) -> Option<Conn> {
+        let slot = &self.slots[slot()];
+        loop {
+            let idle = slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_back()?;
+            if idle.since.elapsed() > IDLE_TIMEOUT {
+                // The newest is too old, so all are.
+                slot.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                return None;
+            }
+            if still_open(&idle.conn.stream) {
+                return Some(idle.conn);
+            }
+        }
+    }
+
+    /// Gives a connection whose exchange ended cleanly back to this thread's slot.
+    fn put(&self, conn: Conn) {
+        let now = Instant::now();
+        let mut idle = self.slots[slot()]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The oldest waits at the front; one past its time goes, so that a pool that was once
+        // large shrinks under steady traffic too.
+        if idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle { conn, since: now });
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Conn, Error> {
+        let failed = |source| Error::Connect {
+            authority: self.authority.clone(),
+            source,
+        };
+        let host = self.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = self.authority.port_u16().unwrap_or(80);
+        let connecting = async {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host, port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::other("the host name has no address")))
+        };
+        let stream = match tokio::time::timeout(timeout, connecting).await {
+            Ok(connected) => connected.map_err(failed)?,
+            Err(_) => return Err(failed(io::ErrorKind::TimedOut.into())),
+        };
+        stream.set_nodelay(true).map_err(failed)?;
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        })
+    }
+
+    /// The response for a parsed head, its body reading from `conn`.
+    fn response(self: &Arc<Self>, conn: Conn, head: Head) -> Response<Body> {
+        let state = match head.framing {
+            Framing::Length(0) => State::Done,
+            Framing::Length(left) => State::Length(left),
+            Framing::Chunked => State::Chunked(Chunked::Size),
+            Framing::Close => State::Close,
+        };
+        let mut body = Body {
+            conn: Some(conn),
+            pool: head.keep_alive.then(|| self.clone()),
+            state,
+            failed: None,
+        };
+        if matches!(body.state, State::Done) {
+            body.finish();
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        response
+    }
+}
+
+/// Appends one header field line.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A length in decimal, without allocating.
+fn decimal(mut n: usize) -> Decimal {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    Decimal { digits, at }
+}
+
+struct Decimal {
+    digits: [u8; 20],
+    at: usize,
+}
+
+impl Decimal {
+    fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.at..]
+    }
+}
+
+/// Whether an idle connection can be used: the reactor has not seen it readable, or reading
+/// it would block. Anything readable on an idle connection (its end, or bytes no request asked
+/// for) makes it unusable.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readiness is only cleared by a read that would block; a read that emptied the
+        // socket can leave it set.
+        Poll::Ready(Ok(())) => matches!(
+            stream.try_read(&mut [0u8; 1]),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+/// How an exchange failed: before any byte of an answer arrived, or after.
+enum Failure {
+    Unanswered(Error),
+    Answering(Error),
+}
+
+/// Writes the request and reads the response head (interim ones skipped).
+async fn exchange(conn: &mut Conn, message: &[u8], head_only: bool) -> Result<Head, Failure> {
+    conn.stream
+        .write_all(message)
+        .await
+        .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            if let Some(head) = parse_head(&mut conn.buf, head_only).map_err(Failure::Answering)? {
+                return Ok(head);
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(Failure::Answering(Error::Head("response head too large")));
+            }
+        }
+        conn.buf.reserve(READ_CHUNK);
+        let read = std::future::poll_fn(|cx| {
+            tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf)
+        })
+        .await;
+        let failed = |err| match answered {
+            true => Failure::Answering(err),
+            false => Failure::Unanswered(err),
+        };
+        match read {
+            Ok(0) => return Err(failed(Error::Closed)),
+            Ok(_) => {}
+            Err(err) => return Err(failed(Error::Io(err))),
+        }
+    }
+}
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Parses a final response head from the front of `buf` and removes it (with any interim heads
+/// before it); `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Head("more than 100 header fields"));
+            }
+            Err(_) => return Err(Error::Head("not an HTTP/1.x response head")),
+        };
+        let code = response.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Head("bad status code"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::Head("101 to a request that asked for no upgrade"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = match response.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        // Offsets of names and values in `buf`, so that the head can be frozen and its values
+        // shared rather than copied.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = response.headers.len();
+        let mut length: Option<u64> = None;
+        let (mut chunked, mut coded, mut close, mut keep_alive) = (false, false, false, false);
+        for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+            let name_at = header.name.as_ptr() as usize - base;
+            let value_at = header.value.as_ptr() as usize - base;
+            *span = (
+                name_at,
+                name_at + header.name.len(),
+                value_at,
+                value_at + header.value.len(),
+            );
+            if header.name.eq_ignore_ascii_case("content-length") {
+                let value = parse_length(header.value)
+                    .ok_or(Error::Head("Content-Length is not a number"))?;
+                if length.is_some_and(|seen| seen != value) {
+                    return Err(Error::Head("conflicting Content-Length values"));
+                }
+                length = Some(value);
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                coded = true;
+                chunked = last_token(header.value).eq_ignore_ascii_case(b"chunked");
+            } else if header.name.eq_ignore_ascii_case("connection") {
+                for token in header.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| Error::Head("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| Error::Head("bad header value"))?;
+            headers.append(name, value);
+        }
+        let bodiless =
+            head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let framing = match (bodiless, coded, chunked, length) {
+            (true, ..) => Framing::Length(0),
+            (false, true, true, _) => Framing::Chunked,
+            (false, true, false, _) => Framing::Close,
+            (false, false, _, Some(length)) => Framing::Length(length),
+            (false, false, _, None) => Framing::Close,
+        };
+        let persistent = match version {
+            Version::HTTP_10 => keep_alive && !close,
+            _ => !close,
+        };
+        // A message framed both ways may have been read differently by a cache between us and
+        // the upstream: its connection is not used again.
+        let keep_alive =
+            persistent && !(coded && length.is_some()) && !matches!(framing, Framing::Close);
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// A `Content-Length` value: digits only, no sign, no overflow.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, digit| {
+        n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
+}
+
+/// The last comma-separated token of a field value.
+fn last_token(value: &[u8]) -> &[u8] {
+    value
+        .rsplit(|b| *b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+/// A response body read from the upstream connection.
+#[derive(Debug)]
+pub struct Body {
+    /// The connection, until the body has ended.
+    conn: Option<Conn>,
+    /// Where the connection goes when the body has ended, if it may be used again.
+    pool: Option<Arc<Pool>>,
+    state: State,
+    /// A read error held back for one poll (see [`Body::poll_frame`]).
+    failed: Option<io::Error>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Bytes left of a `Content-Length` body.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the upstream closes the connection.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunked {
+    /// Before a chunk-size line.
+    Size,
+    /// Bytes left of a chunk's data.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines after the last chunk; the count of trailer bytes so far.
+    Trailers(usize),
+}
+
+impl Body {
+    /// Ends the body: the connection goes back to the pool if it may be used again and nothing
+    /// beyond the body was read from it.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take())
+            && conn.buf.is_empty()
+        {
+            pool.put(conn);
+        }
+    }
+
+    /// Moves through the buffered bytes of a chunked body from `step`: to the next data frame,
+    /// to the end of the body, or as far as they go.
+    fn next_chunked(&mut self, mut step: Chunked) -> Result<Decoded, io::Error> {
+        let Some(conn) = &mut self.conn else {
+            return Ok(Decoded::End);
+        };
+        let buf = &mut conn.buf;
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        loop {
+            match step {
+                Chunked::Size => {
+                    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(bad("chunk size line too long"));
+                        }
+                        break;
+                    };
+                    let line = buf[..end]
+                        .strip_suffix(b"\r")
+                        .ok_or_else(|| bad("chunk size line without CRLF"))?;
+                    let digits = line
+                        .split(|b| *b == b';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_ascii();
+                    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(bad("bad chunk size"));
+                    }
+                    let size = digits
+                        .iter()
+                        .try_fold(0u64, |n, digit| {
+                            let value = (*digit as char).to_digit(16)?;
+                            n.checked_mul(16)?.checked_add(u64::from(value))
+                        })
+                        .ok_or_else(|| bad("chunk size too large"))?;
+                    buf.advance(end + 1);
+                    step = match size {
+                        0 => Chunked::Trailers(0),
+                        size => Chunked::Data(size),
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = buf.split_to(take).freeze();
+                    self.state = State::Chunked(match left - take as u64 {
+                        0 => Chunked::DataEnd,
+                        left => Chunked::Data(left),
+                    });
+                    return Ok(Decoded::Data(data));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        break;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(bad("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    step = Chunked::Size;
+                }
+                // Trailer fields are read past, not forwarded: over HTTP/1 they are rare, and
+                // hyper's server sends them only to a client that asked for them.
+                Chunked::Trailers(seen) => {
+                    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+                        if seen + buf.len() > MAX_TRAILERS {
+                            return Err(bad("trailers too large"));
+                        }
+                        break;
+                    };
+                    let blank = matches!(&buf[..end], b"" | b"\r");
+                    buf.advance(end + 1);
+                    if blank {
+                        return Ok(Decoded::End);
+                    }
+                    if seen + end + 1 > MAX_TRAILERS {
+                        return Err(bad("trailers too large"));
+                    }
+                    step = Chunked::Trailers(seen + end + 1);
+                }
+            }
+        }
+        self.state = State::Chunked(step);
+        Ok(Decoded::More)
+    }
+}
+
+/// Where decoding a chunked body's buffered bytes got to.
+enum Decoded {
+    Data(Bytes),
+    End,
+    More,
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(err) = this.failed.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
+        match this.poll_next(cx) {
+            // hyper's server drops what it has not written yet when a body fails, the response
+            // head included. Held back for one turn, the error comes after the head and the
+            // bytes before it have gone out, so the client sees the answer cut short, as with
+            // hyper's own client, rather than no answer at all.
+            Poll::Ready(Some(Err(err))) => {
+                this.failed = Some(err);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            polled => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed.is_none() && matches!(self.state, State::Done | State::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done if self.failed.is_none() => SizeHint::with_exact(0),
+            State::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Body {
+    /// The next frame, as [`http_body::Body::poll_frame`] without its error delay.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self;
+        loop {
+            match this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) => {
+                    let Some(conn) = &mut this.conn else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let take = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(left).unwrap_or(usize::MAX));
+                        let data = conn.buf.split_to(take).freeze();
+                        this.state = State::Length(left - take as u64);
+                        if left == take as u64 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Close => {
+                    if let Some(conn) = &mut this.conn
+                        && !conn.buf.is_empty()
+                    {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(step) => match this.next_chunked(step) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => {}
+                    Err(err) => {
+                        this.abandon();
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                },
+            }
+            // More bytes are needed.
+            let Some(conn) = &mut this.conn else {
+                return Poll::Ready(None);
+            };
+            conn.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, State::Close) {
+                        this.abandon();
+                        return Poll::Ready(None);
+                    }
+                    this.abandon();
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the end of the body",
+                    ))));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => {
+                    this.abandon();
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+
+    /// Ends the body without giving the connection back.
+    fn abandon(&mut self) {
+        self.state = State::Done;
+        self.conn = None;
+        self.pool = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<Head>, Error> {
+        parse_head(&mut BytesMut::from(text), false)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing = |text: &str| head(text).unwrap().unwrap().framing;
+        assert!(matches!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(5)
+        ));
+        assert!(matches!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n"
+            ),
+            Framing::Chunked
+        ));
+        assert!(matches!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            Framing::Close
+        ));
+        assert!(matches!(framing("HTTP/1.1 200 OK\r\n\r\n"), Framing::Close));
+        assert!(matches!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(0)
+        ));
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        assert!(matches!(
+            parse_head(&mut buf, true).unwrap().unwrap().framing,
+            Framing::Length(0)
+        ));
+    }
+
+    #[test]
+    fn keep_alive_needs_both_sides_and_one_framing() {
+        let keep = |text: &str| head(text).unwrap().unwrap().keep_alive;
+        assert!(keep("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!keep("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(keep(
+            "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+        ));
+        assert!(!keep("HTTP/1.1 200 OK\r\n\r\n"));
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_bad_heads_refused() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
+        );
+        let parsed = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(parsed.status, StatusCode::CREATED);
+        assert_eq!(parsed.headers["x-a"], "1");
+        assert_eq!(&buf[..], b"ok");
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
+        assert!(head("SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-le").unwrap().is_none());
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "x: 1\r\n".repeat(101));
+        assert!(head(&many).is_err());
+    }
+
+    #[test]
+    fn lengths_are_digits_only() {
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_length(b"18446744073709551616"), None);
+        assert_eq!(parse_length(b"-1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(decimal(0).as_bytes(), b"0");
+        assert_eq!(decimal(65536).as_bytes(), b"65536");
+    }
+}
