@@ -414,6 +414,14 @@ def main():
     ]
     if args.only:
         wanted = {name.strip() for name in args.only.split(",")} | {"direct (upstream)", "nginx", "nginx+lua policies", "wasmgate"}
+        # Two more floors, on request only: hyper's server with a hand-written HTTP/1 client, and
+        # no hyper at all (bench/hyper-floor/src/native.rs), to size what a proxy core of
+        # wasmgate's own could save.
+        for mode in ("native-client", "raw"):
+            if f"{mode} floor" in wanted:
+                port = free_port()
+                targets.insert(3, Target(f"{mode} floor", [args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{up_port}", mode],
+                                         port, log=f"{dir}/{mode}-floor.log"))
         targets = [t for t in targets if t.name in wanted]
         args.memory_requests = 0
     if args.baseline:

@@ -47,8 +47,8 @@ def main():
     parser.add_argument("--gateway", default=str(bench.GATEWAY))
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--nginx", action="store_true", help="profile nginx as a plain proxy instead")
-    parser.add_argument("--floor", action="store_true",
-                        help="profile the hyper floor (wasmgate's HTTP stack alone) instead")
+    parser.add_argument("--floor", nargs="?", const="hyper", choices=["hyper", "native-client", "raw"],
+                        help="profile a floor (bench/hyper-floor; default its hyper mode) instead")
     args = parser.parse_args()
 
     dir = tempfile.mkdtemp(prefix="wasmgate-profile-")
@@ -67,8 +67,9 @@ def main():
         http = bench.PROXY_HTTP.format(upstream=up_port, port=port, extra_http="", location="")
         gateway = bench.Target("nginx", ["nginx", "-c", str(bench.nginx_conf(dir, "proxy", "", http))], port)
     if args.floor:
-        gateway = bench.Target("hyper floor", [str(bench.FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{up_port}"],
-                               port)
+        mode = [] if args.floor == "hyper" else [args.floor]
+        gateway = bench.Target(f"{args.floor} floor",
+                               [str(bench.FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{up_port}", *mode], port)
     data = f"{dir}/perf.data"
     try:
         upstream.start(dir)

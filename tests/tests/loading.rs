@@ -336,3 +336,57 @@ async fn the_operator_log_reports_a_failure_in_full_and_the_client_gets_only_the
     }
     gateway.stop().await;
 }
+
+/// Reads log lines until one holds `needle`, asserting that none on the way (nor that one) holds
+/// a raw terminal escape or starts with the record a plugin tried to forge.
+async fn clean_line_containing(gateway: &mut CliGateway, needle: &str) -> String {
+    loop {
+        let line = gateway.line_containing("").await;
+        assert!(
+            !line.contains('\u{1b}'),
+            "a raw escape reached the log: {line:?}"
+        );
+        assert!(
+            !line.starts_with("2026-01-01T00:00:00.000000Z"),
+            "a plugin forged a log record: {line:?}"
+        );
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test]
+async fn plugins_cannot_forge_or_colour_operator_log_lines() {
+    // Plugin log lines are written without the log writer's own escaping (the host escapes
+    // them); everything else keeps it. Both must hold: a line a plugin logs, and a panic message
+    // that reaches the failure record.
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nplugins:\n  forger: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: logs, match: {{ prefix: /logs }}, upstream: main, plugins: [{{ name: forger, config: {{ mode: forge-log }} }}] }}\n  - {{ name: panics, match: {{ prefix: /panics }}, upstream: main, plugins: [{{ name: forger, config: {{ mode: panic-forged }} }}] }}\n",
+        upstream.url()
+    );
+    let mut gateway = CliGateway::start(env!("CARGO_BIN_EXE_wasmgate-cli"), &manifest, &[]).await;
+    let get = |path: &'static str| http::Request::get(path).body(Default::default()).unwrap();
+
+    assert_eq!(
+        gateway.send(get("/logs")).await.status,
+        http::StatusCode::OK
+    );
+    let logged = clean_line_containing(&mut gateway, "forged").await;
+    assert!(
+        logged.contains(" wasmgate::plugin: forged\\u{a}2026-01-01"),
+        "{logged}"
+    );
+    assert!(logged.contains("\\u{1b}[31mred"), "{logged}");
+
+    assert_eq!(
+        gateway.send(get("/panics")).await.status,
+        http::StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let failed = clean_line_containing(&mut gateway, "plugin failed").await;
+    assert!(failed.contains("kind=\"trap\""), "{failed}");
+    // The panic message is in the record, escaped, on the same line.
+    assert!(failed.contains("fake line "), "{failed}");
+    gateway.stop().await;
+}

@@ -373,15 +373,31 @@ impl log::Host for PluginState {
         // Control characters are escaped, so a plugin cannot forge log lines.
         let message = escape_controls(&message);
         match level {
-            LogLevel::Trace => tracing::trace!(plugin, route, request_id, trace_id, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, route, request_id, trace_id, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, route, request_id, trace_id, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, route, request_id, trace_id, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, route, request_id, trace_id, "{message}"),
+            LogLevel::Trace => {
+                tracing::trace!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
+            }
         }
         Ok(())
     }
 }
+
+/// The target of the log lines plugins write (`RUST_LOG=wasmgate::plugin=debug` shows their
+/// debug lines). Every field of these events is escaped or checked by the gateway (the message by
+/// [`escape_controls`], names from the manifest, ids of a checked alphabet), so the log writer
+/// does not escape them again (`cli::main`).
+pub const PLUGIN_LOG_TARGET: &str = "wasmgate::plugin";
 
 /// The text with control characters written as `\u{..}` escapes; borrowed when there are none,
 /// which is the common case.

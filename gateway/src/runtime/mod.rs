@@ -17,6 +17,7 @@ pub mod budget;
 pub mod cache;
 pub mod exchange;
 mod host;
+pub use host::PLUGIN_LOG_TARGET;
 
 use std::fmt;
 use std::path::Path;
