@@ -148,7 +148,11 @@ async fn forward_routed(
     );
 
     if route.chain.is_empty() {
-        let body = OutgoingBody::from_client(body, None, snapshot.http.max_request_body.0);
+        let limit = snapshot.http.max_request_body.0;
+        let body = match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal.map(Into::into),
+        };
         let outgoing = Outgoing::new(route, &parts.method, &parts.uri, parts.headers, body);
         return forward(route, outgoing, upgrade, ids).await.map(Into::into);
     }
@@ -254,26 +258,38 @@ async fn run_chain(
                 .then(|| Arc::new(AtomicU64::new(0)));
             bytes_in = counter.clone();
             let upstream_body = match exchange.body.clone() {
-                Some(buffered) => OutgoingBody::Replayable(buffered, counter),
-                None => OutgoingBody::from_client(
-                    body.take().expect("a streamed body is forwarded once"),
-                    counter,
-                    snapshot.http.max_request_body.0,
-                ),
+                Some(buffered) => Ok(OutgoingBody::Replayable(buffered, counter)),
+                None => {
+                    OutgoingBody::read_client(
+                        body.take().expect("a streamed body is forwarded once"),
+                        &exchange.request.headers,
+                        counter,
+                        snapshot.http.max_request_body.0,
+                    )
+                    .await
+                }
             };
-            let head = &exchange.request;
-            let mut headers = head.headers.clone();
-            if exchange.body.is_some() {
-                // A plugin may have replaced the body: let hyper frame the one we send.
-                headers.remove(CONTENT_LENGTH);
+            match upstream_body {
+                Ok(upstream_body) => {
+                    let head = &exchange.request;
+                    let mut headers = head.headers.clone();
+                    if exchange.body.is_some() {
+                        // A plugin may have replaced the body: the client frames the one sent.
+                        headers.remove(CONTENT_LENGTH);
+                    }
+                    let outgoing =
+                        Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
+                    let sent = Instant::now();
+                    let response = forward(route, outgoing, upgrade, ids).await;
+                    exchange
+                        .properties
+                        .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
+                    response
+                }
+                // The client's body could not be read: answered like any gateway error, the
+                // response phase included.
+                Err(refusal) => refusal,
             }
-            let outgoing = Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
-            let sent = Instant::now();
-            let response = forward(route, outgoing, upgrade, ids).await;
-            exchange
-                .properties
-                .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
-            response
         }
     };
     exchange
@@ -603,6 +619,26 @@ enum OutgoingBody {
 }
 
 impl OutgoingBody {
+    /// The client's body, within `limit` bytes: known empty, or declared no larger than
+    /// [`crate::h1::MAX_BODY`] and then read whole first (as nginx buffers request bodies by
+    /// default), so that wasmgate's own client can send it and a failed attempt can be made
+    /// again; streamed otherwise. A body that cannot be read whole is answered here (400, 413).
+    async fn read_client(
+        body: Incoming,
+        headers: &HeaderMap,
+        counter: Option<Arc<AtomicU64>>,
+        limit: u64,
+    ) -> Result<OutgoingBody, Response<ProxyBody>> {
+        let small = http_body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|len| len <= crate::h1::MAX_BODY as u64);
+        if small && !http_body::Body::is_end_stream(&body) {
+            let bytes = buffer_body(headers, body, limit).await?;
+            return Ok(OutgoingBody::Replayable(bytes, counter));
+        }
+        Ok(OutgoingBody::from_client(body, counter, limit))
+    }
+
     /// The client's body: replayable when it is known to be empty, streamed otherwise, within
     /// `limit` bytes.
     fn from_client(body: Incoming, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {

@@ -171,12 +171,13 @@ async fn connections_are_kept_alive_and_closed_ones_replaced() {
     assert_eq!(upstream.connections(), 1, "one kept-alive connection");
 
     // The upstream closes the idle connection. A POST is not sent twice, so it only succeeds
-    // if the closed connection is noticed before it is used. (Bodiless: a request body from the
-    // client is streamed, through hyper's client.)
+    // if the closed connection is noticed before it is used.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let response = gateway.send(request(Method::POST, "/posted", b"")).await;
+    let response = gateway
+        .send(request(Method::POST, "/echo", b"posted once"))
+        .await;
     assert_eq!(response.status, StatusCode::OK);
-    assert_eq!(response.text(), "/posted");
+    assert_eq!(response.text(), "posted once");
     assert_eq!(upstream.connections(), 2);
     for _ in 0..5 {
         assert_eq!(gateway.get("x", "/again").await.status, StatusCode::OK);
@@ -232,11 +233,13 @@ async fn every_response_framing_arrives_whole() {
     assert_eq!(gateway.get("x", "/after").await.text(), "/after");
     assert_eq!(upstream.connections(), 4);
 
-    // A request body within the client's limit, and one past it (sent by hyper's client).
+    // A request body within the client's limit (read whole, then sent on a kept-alive
+    // connection), and one past it (streamed by hyper's client).
     let small = gateway
         .send(request(Method::PUT, "/echo", b"small body"))
         .await;
     assert_eq!(small.text(), "small body");
+    assert_eq!(upstream.connections(), 4);
     let big: &'static [u8] = Box::leak(pattern(200_000).into_boxed_slice());
     let large = gateway.send(request(Method::PUT, "/echo", big)).await;
     assert_eq!(large.status, StatusCode::OK);
