@@ -487,6 +487,11 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[name_start..name_end])
                 .map_err(|_| Error::Head("bad header name"))?;
+            if coded && name == CONTENT_LENGTH {
+                // A transfer coding overrides a length (RFC 9112 section 6.3), which would
+                // otherwise frame the client's response wrongly.
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
                 .map_err(|_| Error::Head("bad header value"))?;
             headers.append(name, value);
@@ -824,6 +829,9 @@ mod tests {
             ),
             Framing::Chunked
         ));
+        let both =
+            head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
+        assert!(!both.unwrap().unwrap().headers.contains_key(CONTENT_LENGTH));
         assert!(matches!(
             framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
             Framing::Close

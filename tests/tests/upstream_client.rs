@@ -119,6 +119,11 @@ fn answer(path: &str, body: &[u8]) -> (Vec<u8>, bool) {
                 .to_vec(),
             false,
         ),
+        "/chunked-and-length" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            false,
+        ),
         "/until-close" => (
             b"HTTP/1.1 200 OK\r\nx-framing: none\r\n\r\nread until the end".to_vec(),
             true,
@@ -195,6 +200,12 @@ async fn every_response_framing_arrives_whole() {
     assert_eq!(chunked.status, StatusCode::OK);
     assert_eq!(chunked.text(), "hello world");
 
+    // Both framings: the chunks count, the length is dropped (and the connection not reused).
+    let both = gateway.get("x", "/chunked-and-length").await;
+    assert_eq!(both.text(), "hello");
+    assert_eq!(gateway.get("x", "/after").await.text(), "/after");
+    assert_eq!(upstream.connections(), 2);
+
     let large = gateway.get("x", "/large").await;
     assert_eq!(large.body.len(), 300_000);
     assert!(
@@ -215,23 +226,23 @@ async fn every_response_framing_arrives_whole() {
     assert_eq!(head.header("content-length"), "6");
     assert!(head.body.is_empty());
 
-    // All of these were answered on one connection.
-    assert_eq!(upstream.connections(), 1);
+    // All of these were answered on the second connection.
+    assert_eq!(upstream.connections(), 2);
 
     // Answers that end their connection: read to the end, and the connection not used again.
     let until_close = gateway.get("x", "/until-close").await;
     assert_eq!(until_close.text(), "read until the end");
     assert_eq!(until_close.header("x-framing"), "none");
     assert_eq!(gateway.get("x", "/after").await.text(), "/after");
-    assert_eq!(upstream.connections(), 2);
+    assert_eq!(upstream.connections(), 3);
 
     assert_eq!(gateway.get("x", "/connection-close").await.text(), "last");
     assert_eq!(gateway.get("x", "/after").await.text(), "/after");
-    assert_eq!(upstream.connections(), 3);
+    assert_eq!(upstream.connections(), 4);
 
     assert_eq!(gateway.get("x", "/http10").await.text(), "old");
     assert_eq!(gateway.get("x", "/after").await.text(), "/after");
-    assert_eq!(upstream.connections(), 4);
+    assert_eq!(upstream.connections(), 5);
 
     // A request body within the client's limit (read whole, then sent on a kept-alive
     // connection), and one past it (streamed by hyper's client).
@@ -239,7 +250,7 @@ async fn every_response_framing_arrives_whole() {
         .send(request(Method::PUT, "/echo", b"small body"))
         .await;
     assert_eq!(small.text(), "small body");
-    assert_eq!(upstream.connections(), 4);
+    assert_eq!(upstream.connections(), 5);
     let big: &'static [u8] = Box::leak(pattern(200_000).into_boxed_slice());
     let large = gateway.send(request(Method::PUT, "/echo", big)).await;
     assert_eq!(large.status, StatusCode::OK);
