@@ -148,6 +148,19 @@ impl Pool {
         }
     }
 
+    /// Takes over the idle connections of `previous`, the same target in the snapshot that a
+    /// reload replaces, so that a reload does not cost every kept-alive upstream connection.
+    /// Connections still in use then go back to `previous` and close with it.
+    pub fn adopt(&self, previous: &Pool) {
+        for (slot, old) in self.slots.iter().zip(&previous.slots) {
+            let taken = std::mem::take(&mut *old.lock().unwrap_or_else(PoisonError::into_inner));
+            let mut idle = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = MAX_IDLE.saturating_sub(idle.len());
+            // Oldest first, as they were.
+            idle.extend(taken.into_iter().rev().take(room).rev());
+        }
+    }
+
     /// Sends `request` and waits for the response head; the body streams from the connection.
     /// `connect_timeout` bounds making a new connection; the caller bounds the whole wait.
     pub async fn send(

@@ -201,7 +201,7 @@ impl Upstream {
     }
 
     /// Takes over what `previous` (the same upstream in the snapshot being replaced) learnt of
-    /// the targets both have: ejections, failure counts and probe results, so that a reload does
+    /// the targets both have, and their idle connections: ejections, failure counts and probe results, so that a reload does
     /// not send traffic to a target known to be down.
     pub fn inherit_health(&self, previous: &Upstream) {
         for target in &self.targets {
@@ -227,6 +227,9 @@ impl Upstream {
             }
             let in_rotation = target.in_rotation(self.now_ms());
             target.healthy_gauge.set(i64::from(in_rotation));
+            if self.speaks_plain_http1(target) {
+                target.pool.adopt(&old.pool);
+            }
         }
     }
 

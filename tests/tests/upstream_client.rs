@@ -256,3 +256,26 @@ async fn every_response_framing_arrives_whole() {
     assert_eq!(large.status, StatusCode::OK);
     assert!(large.body == big, "the large request body arrived intact");
 }
+
+#[tokio::test]
+async fn a_reload_keeps_idle_upstream_connections() {
+    let upstream = RawUpstream::start(Duration::from_secs(30)).await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    for _ in 0..3 {
+        assert_eq!(gateway.get("x", "/before").await.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.connections(), 1);
+    gateway
+        .gateway()
+        .reload()
+        .await
+        .expect("the reload succeeds");
+    for _ in 0..3 {
+        assert_eq!(gateway.get("x", "/after").await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the new snapshot reused the connection"
+    );
+}
