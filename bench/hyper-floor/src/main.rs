@@ -40,87 +40,106 @@ fn main() -> std::io::Result<()> {
     }
 }
 
-/// hyper's server with the hand-written client of [`native`].
-async fn serve_native_client(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+/// Accepts connections on `listen` for ever, each served by `serve` on a task of its own.
+async fn accept_each<F, Fut>(listen: SocketAddr, mut serve: F) -> std::io::Result<()>
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    let pool = native::Pool::new(upstream);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let pool = pool.clone();
-                async move {
-                    Ok::<_, Infallible>(match native::forward(pool, request).await {
-                        Ok(response) => response,
-                        Err(_) => {
-                            let mut response = Response::new(http_body_util::Full::default());
-                            *response.status_mut() = StatusCode::BAD_GATEWAY;
-                            response
-                        }
-                    })
-                }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve(stream));
     }
+}
+
+/// Serves one connection with hyper's auto (HTTP/1 and HTTP/2) server.
+async fn serve_hyper<S, B>(stream: tokio::net::TcpStream, service: S)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// hyper's server with the hand-written client of [`native`].
+async fn serve_native_client(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+    let pool = native::Pool::new(upstream);
+    accept_each(listen, move |stream| {
+        let pool = pool.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let pool = pool.clone();
+            async move {
+                Ok::<_, Infallible>(match native::forward(pool, request).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        let mut response = Response::new(http_body_util::Full::default());
+                        *response.status_mut() = StatusCode::BAD_GATEWAY;
+                        response
+                    }
+                })
+            }
+        });
+        serve_hyper(stream, service)
+    })
+    .await
 }
 
 /// No hyper at all: [`native::raw`] per connection.
 async fn serve_raw(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let pool = native::Pool::new(upstream);
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(native::raw(stream, pool.clone()));
-    }
+    accept_each(listen, move |stream| {
+        let pool = pool.clone();
+        async move {
+            let _ = native::raw(stream, pool).await;
+        }
+    })
+    .await
 }
 
+/// hyper's server with hyper-util's pooled client.
 async fn serve(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build(connector);
     let authority = upstream.to_string();
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
+    accept_each(listen, move |stream| {
         let client = client.clone();
         let authority = authority.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |mut request: Request<Incoming>| {
-                let client = client.clone();
-                let uri = Uri::builder()
-                    .scheme("http")
-                    .authority(authority.as_str())
-                    .path_and_query(
-                        request
-                            .uri()
-                            .path_and_query()
-                            .map_or("/", |path| path.as_str()),
-                    )
-                    .build();
-                async move {
-                    let Ok(uri) = uri else {
-                        return Ok::<_, Infallible>(status(StatusCode::BAD_REQUEST));
-                    };
-                    *request.uri_mut() = uri;
-                    Ok(match client.request(request).await {
-                        Ok(response) => response.map(Body::Upstream),
-                        Err(_) => status(StatusCode::BAD_GATEWAY),
-                    })
-                }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            let client = client.clone();
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(
+                    request
+                        .uri()
+                        .path_and_query()
+                        .map_or("/", |path| path.as_str()),
+                )
+                .build();
+            async move {
+                let Ok(uri) = uri else {
+                    return Ok::<_, Infallible>(status(StatusCode::BAD_REQUEST));
+                };
+                *request.uri_mut() = uri;
+                Ok(match client.request(request).await {
+                    Ok(response) => response.map(Body::Upstream),
+                    Err(_) => status(StatusCode::BAD_GATEWAY),
+                })
+            }
         });
-    }
+        serve_hyper(stream, service)
+    })
+    .await
 }
 
 /// The upstream's body, or none.
