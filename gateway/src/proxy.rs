@@ -655,11 +655,6 @@ impl OutgoingBody {
         OutgoingBody::Streamed(Some(body.limited(limit)))
     }
 
-    /// Whether wasmgate's own client may send it: known whole and small.
-    fn fits_native_client(&self) -> bool {
-        matches!(self, OutgoingBody::Replayable(bytes, _) if bytes.len() <= crate::h1::MAX_BODY)
-    }
-
     /// The body for one attempt; `None` once a streamed body has been sent.
     fn for_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
@@ -711,20 +706,21 @@ impl Outgoing {
         self.method.is_idempotent() && matches!(self.body, OutgoingBody::Replayable(..))
     }
 
-    /// The request for one attempt through wasmgate's own client; the body must be one it
-    /// takes ([`OutgoingBody::fits_native_client`]). `last` as for [`Outgoing::attempt`].
-    fn native_attempt(&mut self, last: bool) -> crate::h1::Request {
-        let body = match &self.body {
-            OutgoingBody::Replayable(bytes, counter) => {
-                // The whole body is written before the answer is read.
-                if let Some(counter) = counter {
-                    counter.store(bytes.len() as u64, Ordering::Relaxed);
-                }
-                bytes.clone()
-            }
-            OutgoingBody::Streamed(_) => Bytes::new(),
+    /// The request for one attempt through wasmgate's own client, when the body is one it
+    /// takes: known whole and at most [`crate::h1::MAX_BODY`] bytes. `last` as for
+    /// [`Outgoing::attempt`].
+    fn native_attempt(&mut self, last: bool) -> Option<crate::h1::Request> {
+        let OutgoingBody::Replayable(body, counter) = &self.body else {
+            return None;
         };
-        crate::h1::Request {
+        if body.len() > crate::h1::MAX_BODY {
+            return None;
+        }
+        // The whole body is written before the answer is read.
+        if let Some(counter) = counter {
+            counter.store(body.len() as u64, Ordering::Relaxed);
+        }
+        Some(crate::h1::Request {
             method: self.method.clone(),
             path_and_query: self.path_and_query.clone(),
             headers: if last {
@@ -732,8 +728,8 @@ impl Outgoing {
             } else {
                 self.headers.clone()
             },
-            body,
-        }
+            body: body.clone(),
+        })
     }
 
     /// The request for one attempt on `target`; `None` when the body cannot be sent again.
@@ -857,16 +853,19 @@ async fn forward(
         let last = attempt + 1 == attempts;
         // The common case, a request with a small whole body (or none) to a plain HTTP/1.1
         // target, goes through wasmgate's own client; everything else through hyper's.
-        let native = upgrade.is_none()
-            && upstream.speaks_plain_http1(target)
-            && outgoing.body.fits_native_client();
-        let mut request = if native {
-            Attempt::Native(outgoing.native_attempt(last))
+        let native = if upgrade.is_none() && upstream.speaks_plain_http1(target) {
+            outgoing.native_attempt(last)
         } else {
-            let Some(request) = outgoing.attempt(target, upstream.version, last) else {
-                break;
-            };
-            Attempt::Hyper(request)
+            None
+        };
+        let mut request = match native {
+            Some(request) => Attempt::Native(request),
+            None => {
+                let Some(request) = outgoing.attempt(target, upstream.version, last) else {
+                    break;
+                };
+                Attempt::Hyper(request)
+            }
         };
         if let Some(upgrade) = &upgrade {
             let headers = request.headers_mut();
