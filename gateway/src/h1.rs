@@ -127,6 +127,14 @@ struct Conn {
     buf: BytesMut,
 }
 
+impl Conn {
+    /// Reads what has arrived onto the end of the buffer; `Ok(0)` at the connection's end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+}
+
 thread_local! {
     /// This thread's pool slot.
     static SLOT: usize = {
@@ -214,11 +222,8 @@ impl Pool {
         // The length is the body's own, whatever a plugin left in the header; a bodiless
         // request says `0` only where the client said so.
         if !request.body.is_empty() || declared_length {
-            field(
-                &mut out,
-                b"content-length",
-                decimal(request.body.len()).as_bytes(),
-            );
+            let length = HeaderValue::from(request.body.len());
+            field(&mut out, b"content-length", length.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&request.body);
@@ -328,32 +333,6 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A length in decimal, without allocating.
-fn decimal(mut n: usize) -> Decimal {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    Decimal { digits, at }
-}
-
-struct Decimal {
-    digits: [u8; 20],
-    at: usize,
-}
-
-impl Decimal {
-    fn as_bytes(&self) -> &[u8] {
-        &self.digits[self.at..]
-    }
-}
-
 /// Whether an idle connection can be used: the reactor has not seen it readable, or reading
 /// it would block. Anything readable on an idle connection (its end, or bytes no request asked
 /// for) makes it unusable.
@@ -400,11 +379,7 @@ async fn exchange(conn: &mut Conn, message: &[u8], head_only: bool) -> Result<He
                 return Err(Failure::Answering(Error::Head("response head too large")));
             }
         }
-        conn.buf.reserve(READ_CHUNK);
-        let read = std::future::poll_fn(|cx| {
-            tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf)
-        })
-        .await;
+        let read = std::future::poll_fn(|cx| conn.poll_fill(cx)).await;
         let failed = |err| match answered {
             true => Failure::Answering(err),
             false => Failure::Unanswered(err),
@@ -689,6 +664,86 @@ impl Body {
         self.state = State::Chunked(step);
         Ok(Decoded::More)
     }
+
+    /// The next frame, as [`http_body::Body::poll_frame`] without its error delay.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        loop {
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(0) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) => {
+                    let Some(conn) = &mut self.conn else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let take = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(left).unwrap_or(usize::MAX));
+                        let data = conn.buf.split_to(take).freeze();
+                        self.state = State::Length(left - take as u64);
+                        if left == take as u64 {
+                            self.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Close => {
+                    if let Some(conn) = &mut self.conn
+                        && !conn.buf.is_empty()
+                    {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(step) => match self.next_chunked(step) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => {}
+                    Err(err) => {
+                        self.abandon();
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                },
+            }
+            // More bytes are needed.
+            let Some(conn) = &mut self.conn else {
+                return Poll::Ready(None);
+            };
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if matches!(self.state, State::Close) {
+                        self.abandon();
+                        return Poll::Ready(None);
+                    }
+                    self.abandon();
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the end of the body",
+                    ))));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => {
+                    self.abandon();
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+
+    /// Ends the body without giving the connection back.
+    fn abandon(&mut self) {
+        self.state = State::Done;
+        self.conn = None;
+        self.pool = None;
+    }
 }
 
 /// Where decoding a chunked body's buffered bytes got to.
@@ -734,90 +789,6 @@ impl http_body::Body for Body {
             State::Length(left) => SizeHint::with_exact(left),
             _ => SizeHint::default(),
         }
-    }
-}
-
-impl Body {
-    /// The next frame, as [`http_body::Body::poll_frame`] without its error delay.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = self;
-        loop {
-            match this.state {
-                State::Done => return Poll::Ready(None),
-                State::Length(0) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                State::Length(left) => {
-                    let Some(conn) = &mut this.conn else {
-                        return Poll::Ready(None);
-                    };
-                    if !conn.buf.is_empty() {
-                        let take = conn
-                            .buf
-                            .len()
-                            .min(usize::try_from(left).unwrap_or(usize::MAX));
-                        let data = conn.buf.split_to(take).freeze();
-                        this.state = State::Length(left - take as u64);
-                        if left == take as u64 {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                State::Close => {
-                    if let Some(conn) = &mut this.conn
-                        && !conn.buf.is_empty()
-                    {
-                        let data = conn.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                State::Chunked(step) => match this.next_chunked(step) {
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::End) => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::More) => {}
-                    Err(err) => {
-                        this.abandon();
-                        return Poll::Ready(Some(Err(err)));
-                    }
-                },
-            }
-            // More bytes are needed.
-            let Some(conn) = &mut this.conn else {
-                return Poll::Ready(None);
-            };
-            conn.buf.reserve(READ_CHUNK);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => {
-                    if matches!(this.state, State::Close) {
-                        this.abandon();
-                        return Poll::Ready(None);
-                    }
-                    this.abandon();
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the upstream closed the connection before the end of the body",
-                    ))));
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(err)) => {
-                    this.abandon();
-                    return Poll::Ready(Some(Err(err)));
-                }
-            }
-        }
-    }
-
-    /// Ends the body without giving the connection back.
-    fn abandon(&mut self) {
-        self.state = State::Done;
-        self.conn = None;
-        self.pool = None;
     }
 }
 
@@ -903,7 +874,5 @@ mod tests {
         assert_eq!(parse_length(b"18446744073709551616"), None);
         assert_eq!(parse_length(b"-1"), None);
         assert_eq!(parse_length(b""), None);
-        assert_eq!(decimal(0).as_bytes(), b"0");
-        assert_eq!(decimal(65536).as_bytes(), b"65536");
     }
 }

@@ -329,12 +329,16 @@ impl Upstream {
 
     /// A pooled client, by [`Upstream::client_index`].
     pub fn client(&self, index: usize) -> &UpstreamClient {
-        &self.clients.get(index).unwrap_or(&self.clients[0]).1
+        &self.client_entry(index).1
     }
 
     /// The connect timeout of a client, by [`Upstream::client_index`].
     pub fn connect_timeout(&self, index: usize) -> Duration {
-        self.clients.get(index).unwrap_or(&self.clients[0]).0
+        self.client_entry(index).0
+    }
+
+    fn client_entry(&self, index: usize) -> &(Duration, UpstreamClient) {
+        self.clients.get(index).unwrap_or(&self.clients[0])
     }
 
     /// Whether requests to `target` may go through wasmgate's own HTTP/1.1 client: a plain
