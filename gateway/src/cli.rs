@@ -60,8 +60,11 @@ pub fn main() -> ExitCode {
     // (`--workers` adds more threads, each with a runtime of its own), and runs the admin
     // listener, signals and reloads. A thread per event loop with no task stealing costs less
     // per request than a multi-threaded runtime (docs/performance.md).
+    // This thread buffers its log lines (`log_output`), written whenever its event loop waits.
+    let logs = crate::log_output::BufferGuard::install();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::log_output::flush)
         .build()
     {
         Ok(runtime) => runtime,
@@ -71,9 +74,10 @@ pub fn main() -> ExitCode {
         }
     };
 
-    match cli.command {
+    let code = match cli.command {
         Command::Check { config } => match runtime.block_on(crate::check(&config)) {
             Ok(warnings) => {
+                crate::log_output::flush();
                 for warning in warnings {
                     eprintln!("warning: {warning}");
                 }
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
+                crate::log_output::flush();
                 eprintln!("{err}");
                 ExitCode::FAILURE
             }
@@ -106,12 +111,16 @@ pub fn main() -> ExitCode {
                     None => ExitCode::from(130),
                 },
                 Err(err) => {
+                    // The log lines that led here come first.
+                    crate::log_output::flush();
                     eprintln!("{err}");
                     ExitCode::FAILURE
                 }
             }
         }),
-    }
+    };
+    drop(logs);
+    code
 }
 
 /// Log lines to stderr, filtered by `RUST_LOG` (default `info`). Two writers: plugin log lines,
@@ -126,6 +135,8 @@ fn init_logs(format: LogFormat) {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
 
+    use crate::log_output::LogOutput;
+
     let from_plugin =
         |meta: &tracing::Metadata<'_>| meta.target() == crate::runtime::PLUGIN_LOG_TARGET;
     // Colour codes only for a terminal: a log file or collector gets plain text.
@@ -133,11 +144,8 @@ fn init_logs(format: LogFormat) {
     // A function, not a closure: each layer sits on a different subscriber type.
     fn writer<S>(
         ansi: bool,
-    ) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, fn() -> std::io::Stderr>
-    {
-        fmt::layer()
-            .with_writer(std::io::stderr as fn() -> std::io::Stderr)
-            .with_ansi(ansi)
+    ) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, LogOutput> {
+        fmt::layer().with_writer(LogOutput).with_ansi(ansi)
     }
     let registry = tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));

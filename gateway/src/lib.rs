@@ -24,6 +24,7 @@ pub mod forwarded;
 mod framing;
 pub mod h1;
 mod listener;
+pub mod log_output;
 pub mod manifest;
 pub mod metrics;
 pub mod normalize;

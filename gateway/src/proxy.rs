@@ -32,7 +32,8 @@ use crate::body::{
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
-use crate::runtime::{Decision, Exchange, FailureKind, Lease, LoadedPlugin, Phase, PluginError};
+use crate::runtime::exchange::Properties;
+use crate::runtime::{Decision, Exchange, FailureKind, Lease, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
 use crate::upstream::{Target, Tried, Upstream};
@@ -199,13 +200,25 @@ async fn run_chain(
         }
     }
 
-    // Request phase. `ran` keeps the instances whose request phase continued: they, and only
-    // they, get a response phase.
+    // Request phase. `ran` keeps the links whose request phase continued (or that asked for
+    // none): they, and only they, get their later phases. An instance is held only from the
+    // first phase its plugin asked for to the last: a plugin with nothing after the request
+    // phase gives its instance back at once, and one with nothing before the response or the
+    // completion takes it only then. Under load that keeps far fewer instances in use, and
+    // their memory hot in the caches; an instance cap counts requests in the plugin's phases,
+    // not requests waiting on the upstream.
     // Counts the request body bytes forwarded upstream, only for a completion phase to report.
     let mut bytes_in: Option<Arc<AtomicU64>> = None;
-    let mut ran: Vec<(&ChainLink, Lease)> = Vec::with_capacity(route.chain.len());
+    let mut ran: Vec<(&Arc<ChainLink>, Option<Lease>)> = Vec::with_capacity(route.chain.len());
     let mut answer = None;
     for link in &route.chain {
+        if !link.phases.request {
+            // Nothing to call now; the plugin's later phases still run.
+            if link.phases.after_request() {
+                ran.push((link, None));
+            }
+            continue;
+        }
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "request"));
         let mut instance = match link.acquire().await {
@@ -218,11 +231,6 @@ async fn run_chain(
                 None => continue,
             },
         };
-        if !instance.wants_request() {
-            // Nothing to call; the plugin's later phases still run.
-            ran.push((link, instance));
-            continue;
-        }
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
         let (returned, decision) = instance.on_request(exchange).await;
@@ -230,7 +238,11 @@ async fn run_chain(
         let metrics = link.plugin.metrics();
         metrics.invoked(Phase::Request, started.elapsed());
         match decision {
-            Ok(Decision::Continue) => ran.push((link, instance)),
+            Ok(Decision::Continue) if link.phases.after_request() => {
+                ran.push((link, Some(instance)));
+            }
+            // Dropping the lease gives a pooled instance back for the next request.
+            Ok(Decision::Continue) => {}
             Ok(Decision::Respond(response)) => {
                 answer = Some(response.map(full));
                 break;
@@ -254,7 +266,7 @@ async fn run_chain(
         None => {
             let counter = ran
                 .iter()
-                .any(|(_, instance)| instance.wants_complete())
+                .any(|(link, _)| link.phases.complete)
                 .then(|| Arc::new(AtomicU64::new(0)));
             bytes_in = counter.clone();
             let upstream_body = match exchange.body.clone() {
@@ -283,7 +295,7 @@ async fn run_chain(
                     let response = forward(route, outgoing, upgrade, ids).await;
                     exchange
                         .properties
-                        .insert(UPSTREAM_MS.into(), millis(sent.elapsed()));
+                        .insert(UPSTREAM_MS, millis(sent.elapsed()));
                     response
                 }
                 // The client's body could not be read: answered like any gateway error, the
@@ -294,31 +306,42 @@ async fn run_chain(
     };
     exchange
         .properties
-        .insert(DURATION_MS.into(), millis(received.elapsed()));
+        .insert(DURATION_MS, millis(received.elapsed()));
 
     // Response phase, in reverse chain order. The plugins that ran it and asked for the
     // completion phase are kept, in that order, for when the body has been sent.
     let (parts, mut response_body) = response.into_parts();
     exchange.response = Some(parts);
-    let mut completing = Vec::new();
-    for (link, mut instance) in ran.into_iter().rev() {
-        if !instance.wants_response() {
-            if instance.wants_complete() {
-                completing.push((link.plugin.clone(), instance));
-            }
+    let mut completing: Vec<(Arc<ChainLink>, Option<Lease>)> = Vec::new();
+    for (link, lease) in ran.into_iter().rev() {
+        if !link.phases.response {
+            // In `ran` without a response phase: it asked for the completion phase.
+            completing.push((link.clone(), lease));
             continue;
         }
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "response"));
-        let (returned, outcome) = instance.on_response(exchange).await;
-        exchange = returned;
-        let metrics = link.plugin.metrics();
-        metrics.invoked(Phase::Response, started.elapsed());
+        let acquired = match lease {
+            Some(lease) => Ok(lease),
+            None => link.acquire().await,
+        };
+        let outcome = match acquired {
+            Ok(mut instance) => {
+                let (returned, outcome) = instance.on_response(exchange).await;
+                exchange = returned;
+                let metrics = link.plugin.metrics();
+                metrics.invoked(Phase::Response, started.elapsed());
+                outcome.map(|()| instance)
+            }
+            Err(err) => Err(err),
+        };
         match outcome {
-            Ok(()) if instance.wants_complete() => completing.push((link.plugin.clone(), instance)),
-            Ok(()) => {}
+            Ok(instance) if instance.wants_complete() => {
+                completing.push((link.clone(), Some(instance)));
+            }
+            Ok(_) => {}
             Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                 Some(replacement) => {
                     // The upstream's body is dropped with its response head.
@@ -376,27 +399,37 @@ struct BodyBytes {
 async fn complete(
     route: Arc<str>,
     mut exchange: Box<Exchange>,
-    instances: Vec<(Arc<LoadedPlugin>, Lease)>,
+    links: Vec<(Arc<ChainLink>, Option<Lease>)>,
     bytes: BodyBytes,
     completed: bool,
 ) {
     if let Some(received) = bytes.received {
-        exchange
-            .properties
-            .insert(BYTES_IN.into(), received.to_string());
+        exchange.properties.insert(BYTES_IN, received.to_string());
     }
     exchange
         .properties
-        .insert(BYTES_OUT.into(), bytes.sent.to_string());
-    exchange
-        .properties
-        .insert(COMPLETED.into(), completed.to_string());
-    for (plugin, mut instance) in instances {
+        .insert(BYTES_OUT, bytes.sent.to_string());
+    exchange.properties.insert(COMPLETED, completed.to_string());
+    for (link, lease) in links {
+        let plugin = &link.plugin;
         let started = Instant::now();
-        let (returned, outcome) = instance.on_complete(exchange).await;
-        exchange = returned;
-        let metrics = plugin.metrics();
-        metrics.invoked(Phase::Complete, started.elapsed());
+        // A plugin that asked only for this phase takes its instance now. The response has
+        // been sent: a plugin at its instance cap is reported, like any failure here, and
+        // cannot refuse the request any more.
+        let acquired = match lease {
+            Some(lease) => Ok(lease),
+            None => link.acquire().await,
+        };
+        let outcome = match acquired {
+            Ok(mut instance) => {
+                let (returned, outcome) = instance.on_complete(exchange).await;
+                exchange = returned;
+                let metrics = plugin.metrics();
+                metrics.invoked(Phase::Complete, started.elapsed());
+                outcome
+            }
+            Err(err) => Err(err),
+        };
         if let Err(err) = outcome {
             plugin.record_failure(err.kind);
             let (phase, kind, detail) =
@@ -445,7 +478,7 @@ fn millis(elapsed: std::time::Duration) -> String {
 struct RequestEdits {
     headers: HeaderMap,
     body: Option<Bytes>,
-    properties: std::collections::HashMap<String, String>,
+    properties: Properties,
 }
 
 impl RequestEdits {
@@ -468,7 +501,7 @@ impl RequestEdits {
 struct ResponseEdits {
     status: StatusCode,
     headers: HeaderMap,
-    properties: std::collections::HashMap<String, String>,
+    properties: Properties,
 }
 
 impl ResponseEdits {

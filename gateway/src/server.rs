@@ -450,34 +450,59 @@ fn bind_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net
 }
 
 /// Threads that each run a current-thread Tokio runtime for accept loops and their
-/// connections. Dropping this ends them.
+/// connections. Dropping this ends them, and waits (briefly) for each to write the log lines it
+/// still buffers.
 struct WorkerThreads {
     handles: Vec<tokio::runtime::Handle>,
-    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Disconnected once every thread has written its last log lines. (In a mutex only so that
+    /// the gateway stays `Sync`; it is used once, by `drop`.)
+    ended: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long dropping [`WorkerThreads`] waits for the threads' last log lines.
+const WORKER_END_WAIT: Duration = Duration::from_secs(1);
 
 impl WorkerThreads {
     fn start(count: usize) -> std::io::Result<WorkerThreads> {
         let mut handles = Vec::with_capacity(count);
         let mut stops = Vec::with_capacity(count);
+        let (ending, ended) = std::sync::mpsc::channel::<()>();
         for i in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(crate::log_output::flush)
                 .build()?;
             handles.push(runtime.handle().clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop);
+            let ending = ending.clone();
             std::thread::Builder::new()
                 .name(format!("wasmgate-worker-{}", i + 1))
                 .spawn(move || {
-                    // Runs the tasks spawned onto it until the gateway lets go.
+                    // Runs the tasks spawned onto it until the gateway lets go, buffering
+                    // its log lines between waits.
+                    let logs = crate::log_output::BufferGuard::install();
                     let _ = runtime.block_on(stopped);
+                    drop(logs);
+                    drop(ending);
                 })?;
         }
         Ok(WorkerThreads {
             handles,
-            _stop: stops,
+            stop: stops,
+            ended: std::sync::Mutex::new(ended),
         })
+    }
+}
+
+impl Drop for WorkerThreads {
+    fn drop(&mut self) {
+        self.stop.clear();
+        // Every sender gone (the threads are done) or the wait is over; nothing is ever sent.
+        if let Ok(ended) = self.ended.get_mut() {
+            let _ = ended.recv_timeout(WORKER_END_WAIT);
+        }
     }
 }
 

@@ -19,7 +19,8 @@ use crate::manifest::{
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
 use crate::runtime::{
-    CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, PluginBudget, PluginError, Runtime,
+    CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget, PluginError,
+    Runtime,
 };
 use crate::upstream::Upstream;
 
@@ -50,8 +51,9 @@ pub struct Route {
     pub request_timeout: Option<Duration>,
     /// Which of the upstream's clients this route uses (they differ by connect timeout).
     pub client: usize,
-    /// The plugin chain, in request-phase order.
-    pub chain: Vec<ChainLink>,
+    /// The plugin chain, in request-phase order. Shared, so that a completion phase that runs
+    /// after the response can take its links along.
+    pub chain: Vec<Arc<ChainLink>>,
     /// Whether a plugin in the chain reads bodies, so bodies are buffered.
     pub buffer_body: bool,
     /// The route's metric series.
@@ -69,6 +71,10 @@ pub struct ChainLink {
     pub on_failure: FailurePolicy,
     /// Configured instances kept between requests, when the plugin's isolation is `pooled`.
     pub pool: Option<Arc<InstancePool>>,
+    /// The phases the plugin asks for with this configuration, as it answered when the manifest
+    /// loaded. A request takes an instance only for these phases, and gives it back after the
+    /// last one.
+    pub phases: Phases,
 }
 
 impl ChainLink {
@@ -240,34 +246,38 @@ impl Snapshot {
                         .in_route(&route.name)
                         .for_plugin(&used.value.name)
                 };
-                // A throw-away instance runs the plugin's own validation of this config.
-                match plugin.instantiate(&config).await {
-                    Ok(instance)
-                        if instance.is_auth()
-                            && used.value.on_failure == FailurePolicy::FailOpen =>
-                    {
-                        warnings.push(ManifestError {
-                            message: "an auth plugin is set to fail open: when it fails, requests pass unchecked".into(),
-                            ..here()
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(err) => errors.push(ManifestError {
-                        message: err.to_string(),
-                        ..here()
-                    }),
-                }
                 let pooled = spec
                     .plugins
                     .get(used.value.name.as_str())
                     .is_some_and(|p| p.value.isolation == Isolation::Pooled);
                 let max_idle = MAX_IDLE_PER_USE.min(plugin.budget().instances) as usize;
-                chain.push(ChainLink {
+                let pool = pooled.then(|| Arc::new(InstancePool::new(max_idle)));
+                // A throw-away instance runs the plugin's own validation of this config and says
+                // which phases it wants. (Not kept for a pool: it would hold one of the plugin's
+                // instance slots while the other routes using the plugin are checked.)
+                let mut phases = Phases::default();
+                match plugin.instantiate(&config).await {
+                    Ok(instance) => {
+                        if instance.is_auth() && used.value.on_failure == FailurePolicy::FailOpen {
+                            warnings.push(ManifestError {
+                                message: "an auth plugin is set to fail open: when it fails, requests pass unchecked".into(),
+                                ..here()
+                            });
+                        }
+                        phases = instance.phases();
+                    }
+                    Err(err) => errors.push(ManifestError {
+                        message: err.to_string(),
+                        ..here()
+                    }),
+                }
+                chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),
                     config,
                     on_failure: used.value.on_failure,
-                    pool: pooled.then(|| Arc::new(InstancePool::new(max_idle))),
-                });
+                    pool,
+                    phases,
+                }));
             }
             let Some(upstream) = upstreams.get(route.upstream.as_str()) else {
                 continue; // Reported by the manifest check or the upstream's own error.

@@ -619,6 +619,21 @@ impl CliGateway {
         }
     }
 
+    /// Every log line not read yet, up to the process's exit (within 30 s).
+    pub async fn remaining_lines(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+                .await
+                .expect("the gateway closed its log in time")
+                .expect("reading the log");
+            match line {
+                Some(line) => lines.push(line),
+                None => return lines,
+            }
+        }
+    }
+
     /// Sends a request.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> TestResponse {
         send(self.addr, request).await

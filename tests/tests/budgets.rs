@@ -351,3 +351,41 @@ async fn a_body_larger_than_the_cap_is_a_cap_breach() {
     assert_eq!(gateway.failures("big-body", FailureKind::Cap), 1);
     assert!(upstream.seen().is_empty());
 }
+
+/// An instance is held only for the phases its plugin asked for: api-key (the request phase
+/// only) and access-log (the completion phase only), each capped at one instance, serve a second
+/// request while the first waits on the upstream. (Holding them for the whole request, as the
+/// gateway once did, answered the second 503: the cap counted requests waiting on the upstream.)
+#[tokio::test]
+async fn an_instance_is_held_only_for_the_phases_its_plugin_asked_for() {
+    let upstream = TestUpstream::start("main").await;
+    // sha256("held-key")
+    let key_hash = "3c676c7575e6e1e55eec0c4a5380eda958a996866a605cb2a863d976817c8b13";
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  key: {{ source: \"{{plugins}}/api_key.wasm\", instances: 1 }}\n  log: {{ source: \"{{plugins}}/access_log.wasm\", instances: 1 }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: held, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: log }}, {{ name: key, config: {{ keys: [{{ consumer: tester, sha256: \"{key_hash}\" }}], forward_consumer: x-consumer }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = std::sync::Arc::new(TestGateway::start(&manifest).await);
+    let with_key = |path: &str| {
+        Request::get(path)
+            .header("x-api-key", "held-key")
+            .body(Full::default())
+            .unwrap()
+    };
+    let holder = {
+        let gateway = gateway.clone();
+        let request = with_key("/delay/1500");
+        tokio::spawn(async move { gateway.send(request).await })
+    };
+    while upstream.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = gateway.send(with_key("/quick")).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text());
+    assert_eq!(upstream.last().headers["x-consumer"], "tester");
+    assert_eq!(gateway.failures("key", FailureKind::Overloaded), 0);
+    assert_eq!(holder.await.unwrap().status, StatusCode::OK);
+    // Without the key the plugin still refuses: it did run.
+    let refused = gateway.get("x.test", "/quick").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+}

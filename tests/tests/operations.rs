@@ -1036,3 +1036,56 @@ async fn a_drain_sends_goaway_to_http2_clients_and_finishes_their_requests() {
     let mut late = sender;
     assert!(late.send_request(request("/late")).await.is_err());
 }
+
+/// Log lines are buffered per event-loop thread (`log_output`): none is lost when the process
+/// ends, whichever of its worker threads wrote it, and they arrive while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_access_log_line_is_written_by_the_time_the_process_exits() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  log: {{ source: \"{{plugins}}/access_log.wasm\", isolation: pooled }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: log, config: {{ fields: [path, status] }} }}] }}\n",
+        upstream.url()
+    );
+    let mut gateway = CliGateway::start(
+        env!("CARGO_BIN_EXE_wasmgate-cli"),
+        &manifest,
+        &[("WASMGATE_WORKERS", "3")],
+    )
+    .await;
+    // One line arrives while the gateway idles: nothing waits for a full buffer.
+    let first = gateway
+        .send(
+            Request::get("/counted/first")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    gateway.line_containing("/counted/first").await;
+    // A connection per request, so that the kernel spreads them over the worker threads.
+    let requests = 60;
+    for i in 0..requests {
+        let response = gateway
+            .send(
+                Request::get(format!("/counted/{i}"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+    }
+    gateway.signal("TERM");
+    let lines = gateway.remaining_lines().await;
+    for i in 0..requests {
+        let path = format!("\\\"path\\\":\\\"/counted/{i}\\\"");
+        let plain = format!("\"path\":\"/counted/{i}\"");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&path) || l.contains(&plain)),
+            "no access log line for request {i}:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(gateway.exit_code(Duration::from_secs(20)).await, Some(0));
+}

@@ -1,6 +1,6 @@
 //! The per-request data that plugins read and edit through their imports.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub struct Exchange {
     /// Status and headers of the response, once there is one.
     pub response: Option<http::response::Parts>,
     /// Properties shared along the chain.
-    pub properties: HashMap<String, String>,
+    pub properties: Properties,
     /// The client's address.
     pub client_addr: SocketAddr,
     /// The matched route's name.
@@ -68,7 +68,7 @@ impl Exchange {
             request,
             body: None,
             response: None,
-            properties: HashMap::new(),
+            properties: Properties::default(),
             client_addr,
             route,
             request_id,
@@ -79,6 +79,48 @@ impl Exchange {
     /// The request id as text, for logs.
     pub fn request_id(&self) -> &str {
         self.request_id.to_str().unwrap_or("")
+    }
+}
+
+/// The properties of one request: a handful of entries (at most 64), set and read a few times
+/// each, so a vector searched in order beats a hash map (no hashing, one allocation). The gateway's
+/// own keys are static strings and cost no allocation.
+#[derive(Debug, Clone, Default)]
+pub struct Properties {
+    entries: Vec<(Cow<'static, str>, String)>,
+}
+
+impl Properties {
+    /// The value of a property, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets a property, replacing any earlier value.
+    pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: String) {
+        let key = key.into();
+        match self.entries.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, slot)) => *slot = value,
+            None => self.entries.push((key, value)),
+        }
+    }
+
+    /// Whether a property is set.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// How many properties are set.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no property is set.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -124,6 +166,19 @@ pub fn checked_name(name: &str, phase_is_request: bool) -> Result<HeaderName, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_keep_one_value_per_key() {
+        let mut properties = Properties::default();
+        assert!(properties.is_empty());
+        properties.insert("wasmgate.completed", "false".into());
+        properties.insert(String::from("subject"), "alice".into());
+        properties.insert(String::from("wasmgate.completed"), "true".into());
+        assert_eq!(properties.len(), 2);
+        assert_eq!(properties.get("wasmgate.completed"), Some("true"));
+        assert_eq!(properties.get("subject"), Some("alice"));
+        assert!(!properties.contains_key("Subject"));
+    }
 
     #[test]
     fn refuses_injection_and_framing_headers() {

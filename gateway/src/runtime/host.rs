@@ -329,7 +329,7 @@ impl response::Host for PluginState {
 
 impl properties::Host for PluginState {
     fn get(&mut self, key: String) -> Result<Option<String>> {
-        Ok(self.exchange()?.properties.get(&key).cloned())
+        Ok(self.exchange()?.properties.get(&key).map(str::to_owned))
     }
 
     fn set(&mut self, key: String, value: String) -> Result<Result<(), String>> {

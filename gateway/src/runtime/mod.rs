@@ -366,9 +366,7 @@ impl LoadedPlugin {
             in_call: None,
             ticker: self.ticker.clone(),
             auth: false,
-            wants_request: true,
-            wants_response: true,
-            wants_complete: false,
+            phases: Phases::default(),
             _slot: slot,
         };
         instance.begin(Phase::Configure)?;
@@ -387,9 +385,11 @@ impl LoadedPlugin {
             }),
             Ok(info) => {
                 instance.auth = info.auth;
-                instance.wants_request = info.on_request;
-                instance.wants_response = info.on_response;
-                instance.wants_complete = info.on_complete;
+                instance.phases = Phases {
+                    request: info.on_request,
+                    response: info.on_response,
+                    complete: info.on_complete,
+                };
                 Ok(instance)
             }
             Err(message) => Err(PluginError {
@@ -468,11 +468,37 @@ pub struct PluginInstance {
     in_call: Option<Ticking>,
     ticker: Arc<TickerState>,
     auth: bool,
-    /// The phases the plugin asked for when configured.
-    wants_request: bool,
-    wants_response: bool,
-    wants_complete: bool,
+    phases: Phases,
     _slot: InstanceSlot,
+}
+
+/// The phases a plugin asked for when it was configured (its `plugin-info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Phases {
+    /// `handler.on-request`.
+    pub request: bool,
+    /// `handler.on-response`.
+    pub response: bool,
+    /// `handler.on-complete`.
+    pub complete: bool,
+}
+
+impl Default for Phases {
+    /// What the contract assumes before `configure` has answered.
+    fn default() -> Phases {
+        Phases {
+            request: true,
+            response: true,
+            complete: false,
+        }
+    }
+}
+
+impl Phases {
+    /// Whether the plugin has a phase after the request phase.
+    pub fn after_request(self) -> bool {
+        self.response || self.complete
+    }
 }
 
 impl PluginInstance {
@@ -510,6 +536,17 @@ impl InstancePool {
     /// Instances idle now.
     pub fn idle(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Keeps an idle, configured instance for a later request, unless the pool is full or the
+    /// instance cannot be reused.
+    fn put(&self, instance: PluginInstance) {
+        if instance.reusable() {
+            let mut idle = self.lock();
+            if idle.len() < self.max_idle {
+                idle.push(instance);
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PluginInstance>> {
@@ -572,13 +609,8 @@ impl std::ops::DerefMut for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let (Some(instance), Some(pool)) = (self.instance.take(), &self.pool)
-            && instance.reusable()
-        {
-            let mut idle = pool.lock();
-            if idle.len() < pool.max_idle {
-                idle.push(instance);
-            }
+        if let (Some(instance), Some(pool)) = (self.instance.take(), &self.pool) {
+            pool.put(instance);
         }
     }
 }
@@ -603,19 +635,24 @@ impl PluginInstance {
         self.auth
     }
 
+    /// The phases the plugin asked for when configured.
+    pub fn phases(&self) -> Phases {
+        self.phases
+    }
+
     /// Whether the plugin asked for the request phase; without it the phase continues.
     pub fn wants_request(&self) -> bool {
-        self.wants_request
+        self.phases.request
     }
 
     /// Whether the plugin asked for the response phase.
     pub fn wants_response(&self) -> bool {
-        self.wants_response
+        self.phases.response
     }
 
     /// Whether the plugin asked for the completion phase, and can still run it.
     pub fn wants_complete(&self) -> bool {
-        self.wants_complete && !self.poisoned
+        self.phases.complete && !self.poisoned
     }
 
     /// Runs the request phase. The exchange comes back whatever happened.

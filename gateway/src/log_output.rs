@@ -1,0 +1,173 @@
+//! Where log lines go: stderr, through a buffer on each event-loop thread.
+//!
+//! A write system call per line was a fifth of the gateway's system calls per request with an
+//! access log in the chain. An event-loop thread that opted in with [`BufferGuard::install`]
+//! instead keeps its lines in a buffer of its own (no lock, no call), and writes them in one
+//! call when the thread is about to wait for events (the runtime's `on_thread_park` hook calls
+//! [`flush`]), when the buffer holds [`FLUSH_AT`] bytes, when its oldest line is [`MAX_DELAY`]
+//! old, and when the thread ends. An idle gateway therefore writes each line at once; a busy
+//! one writes a batch per turn of its event loop, as nginx does with `access_log ... buffer=`.
+//! Each line is written whole: lines of different threads never interleave mid-line. What a
+//! `SIGKILL` cuts short is at most one buffer per thread.
+//!
+//! Other threads (reloads, the epoch ticker) write straight through.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// A buffer this full is written at once.
+pub const FLUSH_AT: usize = 16 << 10;
+
+/// A line waits at most this long, even on a thread that never parks.
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
+
+struct Pending {
+    bytes: Vec<u8>,
+    /// When the oldest line still in `bytes` was written.
+    since: Option<Instant>,
+}
+
+thread_local! {
+    /// `Some` on a thread that buffers its lines.
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+}
+
+/// Buffering for the current thread's log lines, from [`BufferGuard::install`] until the guard
+/// drops (which writes what is left).
+#[derive(Debug)]
+pub struct BufferGuard(());
+
+impl BufferGuard {
+    /// Starts buffering the current thread's lines. The thread must then call [`flush`] before
+    /// it waits for anything (its runtime's `on_thread_park`).
+    pub fn install() -> BufferGuard {
+        PENDING.with(|pending| {
+            pending.borrow_mut().get_or_insert_with(|| Pending {
+                bytes: Vec::with_capacity(FLUSH_AT),
+                since: None,
+            });
+        });
+        BufferGuard(())
+    }
+}
+
+impl Drop for BufferGuard {
+    fn drop(&mut self) {
+        flush();
+        PENDING.with(|pending| pending.borrow_mut().take());
+    }
+}
+
+/// Writes the current thread's buffered lines, if any.
+pub fn flush() {
+    // `try_with`: also called while the thread's locals are being torn down.
+    let _ = PENDING.try_with(|pending| {
+        if let Ok(mut pending) = pending.try_borrow_mut()
+            && let Some(pending) = pending.as_mut()
+        {
+            write_out(pending);
+        }
+    });
+}
+
+fn write_out(pending: &mut Pending) {
+    if !pending.bytes.is_empty() {
+        // Nowhere to report a failed log write: the line is dropped, as `eprintln!` would.
+        let _ = io::stderr().lock().write_all(&pending.bytes);
+        pending.bytes.clear();
+    }
+    pending.since = None;
+}
+
+/// The log writer: buffered on threads that asked for it, straight to stderr elsewhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogOutput;
+
+impl<'a> MakeWriter<'a> for LogOutput {
+    type Writer = LogOutput;
+
+    fn make_writer(&'a self) -> LogOutput {
+        LogOutput
+    }
+}
+
+impl Write for LogOutput {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let buffered = PENDING.try_with(|pending| {
+            let Ok(mut pending) = pending.try_borrow_mut() else {
+                return false;
+            };
+            let Some(pending) = pending.as_mut() else {
+                return false;
+            };
+            pending.bytes.extend_from_slice(line);
+            let now = Instant::now();
+            let since = *pending.since.get_or_insert(now);
+            if pending.bytes.len() >= FLUSH_AT || now.duration_since(since) >= MAX_DELAY {
+                write_out(pending);
+            }
+            true
+        });
+        if buffered != Ok(true) {
+            io::stderr().write_all(line)?;
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffered_len() -> Option<usize> {
+        PENDING.with(|pending| pending.borrow().as_ref().map(|p| p.bytes.len()))
+    }
+
+    #[test]
+    fn lines_wait_in_the_buffer_until_a_flush_or_a_full_buffer() {
+        std::thread::spawn(|| {
+            assert_eq!(
+                buffered_len(),
+                None,
+                "threads write straight through by default"
+            );
+            let guard = BufferGuard::install();
+            LogOutput.write_all(b"one line\n").unwrap();
+            assert_eq!(buffered_len(), Some(9));
+            flush();
+            assert_eq!(buffered_len(), Some(0));
+            let long = vec![b'x'; FLUSH_AT / 2];
+            LogOutput.write_all(&long).unwrap();
+            assert_eq!(buffered_len(), Some(FLUSH_AT / 2));
+            LogOutput.write_all(&long).unwrap();
+            assert_eq!(buffered_len(), Some(0), "a full buffer is written at once");
+            drop(guard);
+            assert_eq!(buffered_len(), None);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn an_old_line_is_written_with_the_next() {
+        std::thread::spawn(|| {
+            let _guard = BufferGuard::install();
+            LogOutput.write_all(b"first\n").unwrap();
+            PENDING.with(|pending| {
+                pending.borrow_mut().as_mut().unwrap().since =
+                    Instant::now().checked_sub(MAX_DELAY);
+            });
+            LogOutput.write_all(b"second\n").unwrap();
+            assert_eq!(buffered_len(), Some(0));
+        })
+        .join()
+        .unwrap();
+    }
+}
