@@ -105,8 +105,9 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// and the gateway skips the call.
     const ON_RESPONSE: bool = true;
 
-    /// Whether the plugin implements [`Plugin::on_complete`]. The gateway keeps the instance until
-    /// the response body has been sent only for plugins that set this.
+    /// Whether the plugin implements [`Plugin::on_complete`]. One instance serves every phase a
+    /// plugin asks for in a request, held from the first to the last; with this set and another
+    /// phase, that means until the response body has been sent.
     const ON_COMPLETE: bool = false;
 
     /// Builds the plugin from its configuration.
