@@ -323,11 +323,7 @@ async fn run_chain(
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "response"));
-        let acquired = match lease {
-            Some(lease) => Ok(lease),
-            None => link.acquire().await,
-        };
-        let outcome = match acquired {
+        let outcome = match link.keep_or_acquire(lease).await {
             Ok(mut instance) => {
                 let (returned, outcome) = instance.on_response(exchange).await;
                 exchange = returned;
@@ -416,11 +412,7 @@ async fn complete(
         // A plugin that asked only for this phase takes its instance now. The response has
         // been sent: a plugin at its instance cap is reported, like any failure here, and
         // cannot refuse the request any more.
-        let acquired = match lease {
-            Some(lease) => Ok(lease),
-            None => link.acquire().await,
-        };
-        let outcome = match acquired {
+        let outcome = match link.keep_or_acquire(lease).await {
             Ok(mut instance) => {
                 let (returned, outcome) = instance.on_complete(exchange).await;
                 exchange = returned;

@@ -82,6 +82,15 @@ impl ChainLink {
     pub async fn acquire(&self) -> Result<Lease, PluginError> {
         Lease::acquire(&self.plugin, &self.config, self.pool.as_ref()).await
     }
+
+    /// The instance for a later phase: the one held since an earlier phase of the request, or
+    /// one taken now when this is the plugin's first.
+    pub async fn keep_or_acquire(&self, held: Option<Lease>) -> Result<Lease, PluginError> {
+        match held {
+            Some(lease) => Ok(lease),
+            None => self.acquire().await,
+        }
+    }
 }
 
 /// The most idle instances one pooled plugin use keeps. Each holds a slot of the engine's
