@@ -334,7 +334,7 @@ async fn run_chain(
             Err(err) => Err(err),
         };
         match outcome {
-            Ok(instance) if instance.wants_complete() => {
+            Ok(instance) if link.phases.complete => {
                 completing.push((link.clone(), Some(instance)));
             }
             Ok(_) => {}

@@ -167,7 +167,7 @@ fn three_plugin_chain(c: &mut Criterion) {
         for ((plugin, config), pool) in chain.iter().zip(&pools) {
             let mut lease = Lease::acquire(plugin, config, Some(pool)).await.unwrap();
             // As the proxy does: only the phases a plugin asks for are called.
-            if !lease.wants_request() {
+            if !lease.phases().request {
                 leases.push(lease);
                 continue;
             }
@@ -179,12 +179,12 @@ fn three_plugin_chain(c: &mut Criterion) {
             }
         }
         exchange.response = Some(response.clone());
-        for lease in leases.iter_mut().rev().filter(|l| l.wants_response()) {
+        for lease in leases.iter_mut().rev().filter(|l| l.phases().response) {
             let (returned, outcome) = lease.on_response(exchange).await;
             exchange = returned;
             outcome.unwrap();
         }
-        for lease in leases.iter_mut().rev().filter(|l| l.wants_complete()) {
+        for lease in leases.iter_mut().rev().filter(|l| l.phases().complete) {
             let (returned, outcome) = lease.on_complete(exchange).await;
             exchange = returned;
             outcome.unwrap();

@@ -640,21 +640,6 @@ impl PluginInstance {
         self.phases
     }
 
-    /// Whether the plugin asked for the request phase; without it the phase continues.
-    pub fn wants_request(&self) -> bool {
-        self.phases.request
-    }
-
-    /// Whether the plugin asked for the response phase.
-    pub fn wants_response(&self) -> bool {
-        self.phases.response
-    }
-
-    /// Whether the plugin asked for the completion phase, and can still run it.
-    pub fn wants_complete(&self) -> bool {
-        self.phases.complete && !self.poisoned
-    }
-
     /// Runs the request phase. The exchange comes back whatever happened.
     pub async fn on_request(
         &mut self,
