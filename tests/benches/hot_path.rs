@@ -98,6 +98,17 @@ fn plugin_invocation(c: &mut Criterion) {
             })
         })
     });
+    // The fixture's response phase is the SDK's default, which does nothing: what entering and
+    // leaving a plugin costs, apart from any host call.
+    group.bench_function("empty call on a live instance (no host calls)", |b| {
+        b.iter(|| {
+            tokio.block_on(async {
+                let (exchange, outcome) = warm.on_response(exchange()).await;
+                assert!(outcome.is_ok());
+                exchange
+            })
+        })
+    });
     group.bench_function("exchange construction alone", |b| b.iter(exchange));
 
     // isolation: pooled, as the proxy does it: take a configured instance from the pool, run the
