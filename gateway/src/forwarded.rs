@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use http::header::Entry;
 use http::header::{FORWARDED, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
@@ -44,16 +45,52 @@ impl TrustedProxies {
     }
 }
 
-/// Sets the forwarding headers of a request received from `peer` on a listener speaking `proto`.
+/// A client's address as the forwarding headers write it: worked out once per connection rather
+/// than formatted again for every request on it.
+#[derive(Debug)]
+pub struct ClientAddr {
+    addr: SocketAddr,
+    /// The address without its port, an IPv4-mapped IPv6 address written as IPv4.
+    ip: IpAddr,
+    /// The address as an `X-Forwarded-For` entry.
+    listed: HeaderValue,
+    /// The RFC 7239 `for` parameter: an IPv6 address is quoted and bracketed.
+    node: Box<str>,
+}
+
+impl ClientAddr {
+    /// The forwarding texts of a connection from `addr`.
+    pub fn new(addr: SocketAddr) -> ClientAddr {
+        let ip = addr.ip().to_canonical();
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => format!("for={text}"),
+            IpAddr::V6(_) => format!("for=\"[{text}]\""),
+        };
+        ClientAddr {
+            addr,
+            ip,
+            listed: HeaderValue::try_from(text).expect("an address is visible ASCII"),
+            node: node.into(),
+        }
+    }
+
+    /// The client's address and port.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Sets the forwarding headers of a request received from `client` on a listener speaking
+/// `proto`.
 pub fn apply(
     headers: &mut HeaderMap,
     uri: &Uri,
-    peer: SocketAddr,
+    client: &ClientAddr,
     proto: &'static str,
     trusted: &TrustedProxies,
 ) {
-    let ip = peer.ip().to_canonical();
-    let believed = trusted.trusts(ip);
+    let believed = trusted.trusts(client.ip);
     if !believed {
         for name in [
             &X_FORWARDED_FOR,
@@ -70,8 +107,12 @@ pub fn apply(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    let ip_text = ip.to_string();
-    append(headers, &X_FORWARDED_FOR, &ip_text, ", ");
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(client.listed.clone());
+        }
+        Entry::Occupied(_) => append(headers, &X_FORWARDED_FOR, client.listed.as_bytes(), ", "),
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
@@ -81,13 +122,14 @@ pub fn apply(
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
 
-    // RFC 7239: an IPv6 `for` is a quoted, bracketed string; `host` is quoted when it is not a
-    // plain token (a port's colon is allowed in a token, brackets are not).
-    let mut element = match ip {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-    };
-    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+    // RFC 7239: `host` is quoted when it is not a plain token (a port's colon is allowed in a
+    // token, brackets are not). Built by concatenation: this runs for every request.
+    let host = host.as_ref().and_then(|h| h.to_str().ok());
+    let mut element = String::with_capacity(
+        client.node.len() + host.map_or(0, |h| h.len() + 8) + ";proto=".len() + proto.len(),
+    );
+    element.push_str(&client.node);
+    if let Some(host) = host {
         let quote = if host.bytes().all(is_token_byte) {
             ""
         } else {
@@ -99,38 +141,27 @@ pub fn apply(
     }
     element.push_str(";proto=");
     element.push_str(proto);
-    append(headers, &FORWARDED, &element, ", ");
+    append(headers, &FORWARDED, element.as_bytes(), ", ");
 }
 
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
 }
 
-/// Appends `value` to the header's last value (so a list stays one line), or sets it.
-fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str, separator: &str) {
-    if !headers.contains_key(name) {
-        if let Ok(value) = HeaderValue::try_from(value) {
-            headers.insert(name.clone(), value);
-        }
-        return;
-    }
-    let combined = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .chain(std::iter::once(value))
-        .collect::<Vec<_>>()
-        .join(separator);
-    match HeaderValue::try_from(combined) {
-        Ok(value) => {
-            headers.insert(name.clone(), value);
-        }
+/// Appends `value` to the header's values, joined into one line (so a list stays one line), or
+/// sets it.
+fn append(headers: &mut HeaderMap, name: &HeaderName, value: &[u8], separator: &str) {
+    let mut combined = Vec::new();
+    for received in headers.get_all(name) {
         // A received value that cannot be extended (not visible ASCII) is dropped for ours.
-        Err(_) => {
-            if let Ok(value) = HeaderValue::try_from(value) {
-                headers.insert(name.clone(), value);
-            }
+        if received.to_str().is_ok() {
+            combined.extend_from_slice(received.as_bytes());
+            combined.extend_from_slice(separator.as_bytes());
         }
+    }
+    combined.extend_from_slice(value);
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(combined)) {
+        headers.insert(name.clone(), value);
     }
 }
 
@@ -158,11 +189,11 @@ mod tests {
             ("x-forwarded-host", "evil.example"),
             ("forwarded", "for=1.2.3.4"),
         ]);
-        let peer: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+        let peer = ClientAddr::new("192.0.2.9:5000".parse().unwrap());
         apply(
             &mut headers,
             &Uri::from_static("/x"),
-            peer,
+            &peer,
             "http",
             &TrustedProxies::default(),
         );
@@ -185,11 +216,11 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=1.2.3.4;proto=https"),
         ]);
-        let peer: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let peer = ClientAddr::new("10.1.2.3:5000".parse().unwrap());
         apply(
             &mut headers,
             &Uri::from_static("/x"),
-            peer,
+            &peer,
             "http",
             &trusted,
         );
@@ -201,16 +232,22 @@ mod tests {
         );
 
         let mut v6 = request(&[("host", "[::1]:8080")]);
-        let peer: SocketAddr = "[::1]:5000".parse().unwrap();
-        apply(&mut v6, &Uri::from_static("/x"), peer, "http", &trusted);
+        let peer = ClientAddr::new("[::1]:5000".parse().unwrap());
+        apply(&mut v6, &Uri::from_static("/x"), &peer, "http", &trusted);
         assert_eq!(
             v6["forwarded"],
             "for=\"[::1]\";host=\"[::1]:8080\";proto=http"
         );
         // An IPv4 client on a dual-stack socket is written as IPv4.
         let mut mapped = request(&[]);
-        let peer: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
-        apply(&mut mapped, &Uri::from_static("/x"), peer, "http", &trusted);
+        let peer = ClientAddr::new("[::ffff:10.0.0.1]:5000".parse().unwrap());
+        apply(
+            &mut mapped,
+            &Uri::from_static("/x"),
+            &peer,
+            "http",
+            &trusted,
+        );
         assert_eq!(mapped["x-forwarded-for"], "10.0.0.1");
     }
 

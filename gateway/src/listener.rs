@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::ResponseBody;
+use crate::forwarded::ClientAddr;
 use crate::framing::{FramingGuard, Tracker};
 use crate::manifest::{HttpSpec, TlsSpec};
 use crate::proxy::Peer;
@@ -281,21 +282,18 @@ impl Connection {
         let open = shared.services.metrics.connection();
         let activity = Arc::new(Activity::new());
         let tracked = activity.clone();
+        let client = Arc::new(ClientAddr::new(client_addr));
         let service = service_fn(move |request: Request<Incoming>| {
             let snapshot = shared.snapshot.load_full();
             let busy = tracked.begin();
             let upgrade = wants_upgrade(&request);
             let is_connect = request.method() == Method::CONNECT;
+            let peer = Peer {
+                client: client.clone(),
+                secure,
+            };
             async move {
-                let mut response = crate::proxy::handle(
-                    snapshot,
-                    request,
-                    Peer {
-                        addr: client_addr,
-                        secure,
-                    },
-                )
-                .await;
+                let mut response = crate::proxy::handle(snapshot, request, peer).await;
                 if upgrade && !upgraded(&response, is_connect) {
                     // The framing guard stopped following this connection at the upgrade
                     // request; one that did not switch protocols ends with this response

@@ -14,7 +14,6 @@
 //! errors (502, 504) also pass through the response phase, so a logging plugin sees every
 //! outcome.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -29,6 +28,7 @@ use crate::body::{
     BodyError, BoxError, OnEnd, ProxyBody, ResponseBody, Stream, UpstreamBody, full, streamed,
     streamed_until,
 };
+use crate::forwarded::ClientAddr;
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
@@ -39,10 +39,10 @@ use crate::trace::{ChildSpan, RequestTrace};
 use crate::upstream::{Target, Tried, Upstream};
 
 /// The client end of a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
-    /// The client's address.
-    pub addr: SocketAddr,
+    /// The client's address, with its forwarding texts.
+    pub client: Arc<ClientAddr>,
     /// Whether the connection is TLS: `X-Forwarded-Proto` and `Forwarded` say `https`.
     pub secure: bool,
 }
@@ -143,7 +143,7 @@ async fn forward_routed(
     crate::forwarded::apply(
         &mut parts.headers,
         &parts.uri,
-        peer.addr,
+        &peer.client,
         if peer.secure { "https" } else { "http" },
         &snapshot.trusted_proxies,
     );
@@ -157,7 +157,12 @@ async fn forward_routed(
         let outgoing = Outgoing::new(route, &parts.method, &parts.uri, parts.headers, body);
         return forward(route, outgoing, upgrade, ids).await.map(Into::into);
     }
-    let mut exchange = Exchange::new(parts, peer.addr, route.name.clone(), ids.request_id.clone());
+    let mut exchange = Exchange::new(
+        parts,
+        peer.client.addr(),
+        route.name.clone(),
+        ids.request_id.clone(),
+    );
     if !ids.trace.trace_id.is_empty() {
         exchange.trace_id = ids.trace.trace_id.clone();
     }
@@ -991,7 +996,9 @@ fn answer(
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upstream_side = switching.then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
-    let protocol = parts.headers.get(UPGRADE).cloned();
+    let protocol = switching
+        .then(|| parts.headers.get(UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(&mut parts.headers);
     match (upstream_side, upgrade, protocol) {
         (None, _, _) => {
@@ -1108,26 +1115,41 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Runs twice per request. Most messages carry none of these: one pass over the names present
-    // (compared as known names, without hashing) settles that, where a removal per listed name
-    // would hash each of them.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Runs twice per request. One pass over the names present (compared as known names, without
+    // hashing) finds which of these are there; only those are removed, where a removal per listed
+    // name would hash each of them. Responses often carry `Connection: keep-alive`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|listed| listed == name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(CONNECTION) {
+    // `HOP_BY_HOP[0]` is `Connection`.
+    if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            // The usual tokens name no header of their own (`keep-alive` is listed anyway).
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1175,5 +1197,23 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+
+        // Every listed name goes, with all its values, and nothing else does.
+        let mut headers = HeaderMap::new();
+        for name in &HOP_BY_HOP {
+            headers.append(name, HeaderValue::from_static("a"));
+            headers.append(name, HeaderValue::from_static("b"));
+        }
+        headers.append(CONNECTION, HeaderValue::from_static("Keep-Alive, X-Other"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
     }
 }

@@ -390,3 +390,43 @@ async fn plugins_cannot_forge_or_colour_operator_log_lines() {
     assert!(failed.contains("fake line "), "{failed}");
     gateway.stop().await;
 }
+
+#[test]
+fn instance_slots_can_be_lowered_and_a_bad_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("header_rewrite"), dir.path().join("hr.wasm")).unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"version: 1
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+plugins:
+  hr: { source: hr.wasm }
+upstreams:
+  main: { targets: [{ url: "http://127.0.0.1:9" }] }
+routes:
+  - { name: r, match: { prefix: / }, upstream: main, plugins: [{ name: hr, config: null }] }
+"#,
+    );
+    let check = |slots: &str| {
+        Command::new(env!("CARGO_BIN_EXE_wasmgate-cli"))
+            .args(["check", "-c"])
+            .arg(&manifest)
+            .env("WASMGATE_INSTANCE_SLOTS", slots)
+            .output()
+            .expect("running wasmgate")
+    };
+    // Under an address-space limit: two slots reserve a few gigabytes, not terabytes.
+    let few = check("2");
+    assert!(few.status.success(), "{}", stderr(&few));
+    for bad in ["0", "lots", "100001"] {
+        let output = check(bad);
+        assert_eq!(output.status.code(), Some(1), "{bad}");
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!(
+                "WASMGATE_INSTANCE_SLOTS must be a number of instance slots from 1 to 100000, not `{bad}`"
+            )),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -49,8 +49,28 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// The largest memory cap a plugin may be given; the pooling allocator reserves slots this big.
 pub const MAX_PLUGIN_MEMORY: u64 = 256 << 20;
 
-/// Most plugin instances alive at once, across all plugins and requests.
+/// Most plugin instances alive at once, across all plugins and requests, unless
+/// `WASMGATE_INSTANCE_SLOTS` says otherwise.
 pub const MAX_INSTANCES: u32 = 2000;
+
+/// The environment variable that sets how many instance slots the pooling allocator reserves.
+/// Every slot reserves address space for its memories (gigabytes each, almost none of it ever
+/// touched), so a process under an address-space limit (`ulimit -v`, or valgrind) needs fewer.
+pub const INSTANCE_SLOTS_VAR: &str = "WASMGATE_INSTANCE_SLOTS";
+
+/// The instance slots to reserve: [`MAX_INSTANCES`], or the number in [`INSTANCE_SLOTS_VAR`].
+fn instance_slots() -> wasmtime::Result<u32> {
+    match std::env::var(INSTANCE_SLOTS_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(MAX_INSTANCES),
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(slots @ 1..=100_000) => Ok(slots),
+            _ => Err(wasmtime::format_err!(
+                "{INSTANCE_SLOTS_VAR} must be a number of instance slots from 1 to 100000, not `{text}`"
+            )),
+        },
+        Err(err) => Err(wasmtime::format_err!("{INSTANCE_SLOTS_VAR}: {err}")),
+    }
+}
 
 /// How much of a plugin's stderr (where a Rust panic message goes) is kept for the failure report.
 const STDERR_CAPTURE: usize = 4 << 10;
@@ -105,13 +125,14 @@ impl fmt::Debug for Runtime {
 impl Runtime {
     /// Creates the engine, links the gateway's imports and starts the epoch ticker.
     pub fn new() -> wasmtime::Result<Runtime> {
+        let slots = instance_slots()?;
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(MAX_INSTANCES)
+        pool.total_component_instances(slots)
             // A Rust component has its main module, the WASI adapter and a few shims.
-            .total_core_instances(MAX_INSTANCES * 8)
-            .total_memories(MAX_INSTANCES * 2)
-            .total_tables(MAX_INSTANCES * 4)
-            .total_stacks(MAX_INSTANCES)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2)
+            .total_tables(slots * 4)
+            .total_stacks(slots)
             .max_memory_size(MAX_PLUGIN_MEMORY as usize);
 
         let mut config = Config::new();

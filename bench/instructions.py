@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Counts the instructions wasmgate executes per request, with valgrind's callgrind.
+
+Wall-clock and CPU-time figures on this kind of machine move by 5-10 % from run to run (a
+virtual machine without hardware counters), which hides a change worth half a microsecond. The
+user-space instructions a request costs are nearly deterministic: this script runs the gateway
+under callgrind beside the benchmark's nginx upstream, sends a warm-up, zeroes the counters, sends
+load for a fixed time, and prints instructions per request answered -- for one or several binaries,
+so that an A/B reads in one run. Kernel time is not counted: a change that moves work between the
+two needs `bench.py` as well. Slow (valgrind runs the gateway ~50x slower); for comparisons, not
+for the figures in docs/performance.md.
+
+    python3 bench/instructions.py --chain policies --seconds 10 [--baseline OTHER_BINARY]
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+import profile as chains  # noqa: E402  (the chains profile.py knows)
+
+
+def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections, dir, label):
+    up_port = bench.free_port()
+    upstream = bench.Target("upstream", ["nginx", "-c", str(bench.nginx_conf(
+        dir, f"upstream-{label}", "", bench.UPSTREAM_HTTP.format(port=up_port)))], up_port)
+    port = bench.free_port()
+    manifest = bench.wasmgate_manifest(dir, f"counted-{label}", port, up_port, chain, isolation,
+                                       plugin_dir=plugin_dir)
+    out = f"{dir}/callgrind-{label}.out"
+    gateway = bench.Target(label, [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--smc-check=all",
+        binary, "run", "-c", str(manifest)], port, headers,
+        # Valgrind cannot reserve the address space of the default instance slots (4 GiB and more
+        # each); with 4, a chain of three plugins runs at one or two connections.
+        env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4"},
+        log=f"{dir}/gateway-{label}.log")
+    try:
+        upstream.start(dir)
+        gateway.start(dir)
+        bench.check_answers(gateway)
+        send(gateway, 2, connections)  # warm-up: pools filled, code compiled and paged in
+        pid = gateway.proc.pid
+        subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
+        requests = send(gateway, seconds, connections)
+        subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+        time.sleep(0.5)
+    finally:
+        gateway.stop()
+        upstream.stop()
+    # The dump after zeroing is the file with the highest part number.
+    dumps = sorted(Path(dir).glob(f"callgrind-{label}.out*"), key=lambda p: p.stat().st_mtime)
+    totals = [total(p) for p in dumps]
+    counted = [t for t in totals if t is not None]
+    # The explicit dump holds the counted requests; the final one (at exit) holds the shutdown.
+    index = -2 if len(counted) >= 2 else -1
+    dump = [p for p, t in zip(dumps, totals) if t is not None][index]
+    return counted[index], block_copies(dump), requests
+
+
+def block_copies(path):
+    """Instructions spent in memcpy/memmove/memset. Callgrind counts each byte a `rep movsb`
+    moves as one instruction, so large copies (futures moved whole) weigh far more here than
+    they cost; they are reported apart."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(path)],
+                         capture_output=True, text=True).stdout
+    copies = 0
+    for line in out.splitlines():
+        match = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+\S*:(__)?mem(cpy|move|set)", line)
+        if match:
+            copies += int(match.group(1).replace(",", ""))
+    return copies
+
+
+def total(path):
+    text = Path(path).read_text(errors="replace")
+    match = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def send(target, seconds, connections):
+    """Keep-alive HTTP/1.1 load for `seconds` (wrk); returns how many requests were answered."""
+    return bench.wrk(target, connections, seconds)["requests"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chain", choices=chains.CHAINS, default="none")
+    parser.add_argument("--isolation", default="pooled")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--gateway", default=str(bench.GATEWAY))
+    parser.add_argument("--plugins", default=None, help="the folder of .wasm plugins (default: the built ones)")
+    parser.add_argument("--baseline", help="another wasmgate binary, counted the same way")
+    parser.add_argument("--baseline-plugins", default=None)
+    args = parser.parse_args()
+
+    chain, headers = chains.CHAINS[args.chain]
+    if headers is None:
+        headers = (f"Authorization: Bearer {bench.hs256_token()}",)
+    dir = tempfile.mkdtemp(prefix="wasmgate-instructions-")
+    runs = [("wasmgate", args.gateway, args.plugins)]
+    if args.baseline:
+        runs.append(("baseline", args.baseline, args.baseline_plugins or args.plugins))
+    results = {}
+    for label, binary, plugins in runs:
+        instructions, copies, requests = measure(binary, plugins, chain, headers, args.isolation,
+                                                 args.seconds, args.connections, dir, label)
+        results[label] = instructions / requests
+        print(f"{label}: {results[label]:,.0f} instructions per request, of which "
+              f"{copies / requests:,.0f} in memcpy/memset (chain {args.chain}, {requests} requests, "
+              f"{args.connections} connections)")
+    if "baseline" in results:
+        change = results["wasmgate"] / results["baseline"] - 1
+        print(f"wasmgate vs baseline: {change:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
