@@ -33,6 +33,9 @@ def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections,
     port = bench.free_port()
     manifest = bench.wasmgate_manifest(dir, f"counted-{label}", port, up_port, chain, isolation,
                                        plugin_dir=plugin_dir)
+    # Valgrind runs plugin code ~50x slower than it runs: the default deadlines would end it.
+    manifest.write_text(manifest.read_text().replace(f"isolation: {isolation} }}",
+                                                     f"isolation: {isolation}, deadline: 10s }}"))
     out = f"{dir}/callgrind-{label}.out"
     gateway = bench.Target(label, [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--smc-check=all",

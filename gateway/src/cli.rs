@@ -135,7 +135,7 @@ fn init_logs(format: LogFormat) {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
 
-    use crate::log_output::LogOutput;
+    use crate::log_output::{LogOutput, LogTime};
 
     let from_plugin =
         |meta: &tracing::Metadata<'_>| meta.target() == crate::runtime::PLUGIN_LOG_TARGET;
@@ -144,8 +144,16 @@ fn init_logs(format: LogFormat) {
     // A function, not a closure: each layer sits on a different subscriber type.
     fn writer<S>(
         ansi: bool,
-    ) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, LogOutput> {
-        fmt::layer().with_writer(LogOutput).with_ansi(ansi)
+    ) -> fmt::Layer<
+        S,
+        fmt::format::DefaultFields,
+        fmt::format::Format<fmt::format::Full, LogTime>,
+        LogOutput,
+    > {
+        fmt::layer()
+            .with_writer(LogOutput)
+            .with_ansi(ansi)
+            .with_timer(LogTime)
     }
     let registry = tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));

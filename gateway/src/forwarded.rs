@@ -56,6 +56,8 @@ pub struct ClientAddr {
     listed: HeaderValue,
     /// The RFC 7239 `for` parameter: an IPv6 address is quoted and bracketed.
     node: Box<str>,
+    /// Address and port, as plugins read them (`request.client-addr`).
+    text: Box<str>,
 }
 
 impl ClientAddr {
@@ -72,12 +74,18 @@ impl ClientAddr {
             ip,
             listed: HeaderValue::try_from(text).expect("an address is visible ASCII"),
             node: node.into(),
+            text: addr.to_string().into(),
         }
     }
 
     /// The client's address and port.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The client's address and port as text (`192.0.2.9:5000`, `[2001:db8::1]:5000`).
+    pub fn text(&self) -> &str {
+        &self.text
     }
 }
 
@@ -198,6 +206,7 @@ mod tests {
             &TrustedProxies::default(),
         );
         assert_eq!(headers["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(peer.text(), "192.0.2.9:5000");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "api.example.com");
         assert_eq!(

@@ -14,9 +14,11 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
 
 /// A buffer this full is written at once.
 pub const FLUSH_AT: usize = 16 << 10;
@@ -122,9 +124,72 @@ impl Write for LogOutput {
     }
 }
 
+/// Log line timestamps: RFC 3339 in UTC with microseconds (`2026-11-30T04:05:07.015948Z`), as
+/// tracing-subscriber's default timer writes them. The date and time of day are formatted once
+/// per second per thread and kept; each line formats only its microseconds. (The default timer
+/// formats the whole date for every line: with an access log that was a line per request.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogTime;
+
+thread_local! {
+    /// The second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for LogTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        let now = SystemTime::now();
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let second = since_epoch.as_secs();
+        SECOND.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second {
+                let whole = humantime::format_rfc3339_seconds(now).to_string();
+                cached.1.clear();
+                cached.1.push_str(whole.trim_end_matches('Z'));
+                cached.0 = second;
+            }
+            w.write_str(&cached.1)
+        })?;
+        let mut fraction = *b".000000Z";
+        let mut micros = since_epoch.subsec_micros();
+        for digit in fraction[1..7].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        w.write_str(std::str::from_utf8(&fraction).expect("ASCII digits"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timestamp() -> String {
+        let mut text = String::new();
+        LogTime.format_time(&mut Writer::new(&mut text)).unwrap();
+        text
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_microseconds_and_the_current_time() {
+        for _ in 0..3 {
+            let before = SystemTime::now();
+            let text = timestamp();
+            let after = SystemTime::now();
+            // `2026-11-30T04:05:07.015948Z`
+            assert_eq!(text.len(), 27, "{text}");
+            assert!(text.ends_with('Z') && text.as_bytes()[19] == b'.', "{text}");
+            let parsed = humantime::parse_rfc3339(&text).unwrap();
+            // Microseconds: the parsed time is at most 1 µs before the time it was taken.
+            assert!(
+                parsed + Duration::from_micros(1) >= before && parsed <= after,
+                "{text}"
+            );
+            // A new second on the thread formats a new date: crossing one must not keep the old.
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    }
 
     fn buffered_len() -> Option<usize> {
         PENDING.with(|pending| pending.borrow().as_ref().map(|p| p.bytes.len()))

@@ -159,7 +159,7 @@ async fn forward_routed(
     }
     let mut exchange = Exchange::new(
         parts,
-        peer.client.addr(),
+        peer.client.clone(),
         route.name.clone(),
         ids.request_id.clone(),
     );

@@ -4,12 +4,12 @@
 //!
 //! Run with `cargo bench -p wasmgate-tests --bench hot_path`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method};
+use wasmgate::forwarded::ClientAddr;
 use wasmgate::manifest::MatchSpec;
 use wasmgate::metrics::Metrics;
 use wasmgate::router::{RouteMatch, RouterBuilder};
@@ -59,13 +59,13 @@ fn plugin_invocation(c: &mut Criterion) {
         .body(())
         .unwrap()
         .into_parts();
-    let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    let client = Arc::new(ClientAddr::new("127.0.0.1:50000".parse().unwrap()));
     let route: Arc<str> = Arc::from("bench");
     let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
     let exchange = || {
         Box::new(Exchange::new(
             parts.clone(),
-            client,
+            client.clone(),
             route.clone(),
             id.clone(),
         ))
@@ -162,7 +162,7 @@ fn three_plugin_chain(c: &mut Criterion) {
         .unwrap()
         .into_parts()
         .0;
-    let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    let client = Arc::new(ClientAddr::new("127.0.0.1:50000".parse().unwrap()));
     let route: Arc<str> = Arc::from("bench");
     let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
 
@@ -170,7 +170,7 @@ fn three_plugin_chain(c: &mut Criterion) {
     let run = || async {
         let mut exchange = Box::new(Exchange::new(
             parts.clone(),
-            client,
+            client.clone(),
             route.clone(),
             id.clone(),
         ));

@@ -1,11 +1,12 @@
 //! The per-request data that plugins read and edit through their imports.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
+
+use crate::forwarded::ClientAddr;
 
 /// Which phase a plugin call belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +48,7 @@ pub struct Exchange {
     /// Properties shared along the chain.
     pub properties: Properties,
     /// The client's address.
-    pub client_addr: SocketAddr,
+    pub client: Arc<ClientAddr>,
     /// The matched route's name.
     pub route: Arc<str>,
     /// The request's id, as sent upstream and to the client.
@@ -60,7 +61,7 @@ impl Exchange {
     /// Starts an exchange for a request.
     pub fn new(
         request: http::request::Parts,
-        client_addr: SocketAddr,
+        client: Arc<ClientAddr>,
         route: Arc<str>,
         request_id: http::HeaderValue,
     ) -> Self {
@@ -69,7 +70,7 @@ impl Exchange {
             body: None,
             response: None,
             properties: Properties::default(),
-            client_addr,
+            client,
             route,
             request_id,
             trace_id: Box::default(),

@@ -230,7 +230,7 @@ impl request::Host for PluginState {
     }
 
     fn client_addr(&mut self) -> Result<String> {
-        Ok(self.exchange()?.client_addr.to_string())
+        Ok(self.exchange()?.client.text().to_owned())
     }
 
     fn route_name(&mut self) -> Result<String> {
@@ -404,8 +404,11 @@ pub const PLUGIN_LOG_TARGET: &str = "wasmgate::plugin";
 fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     // Control characters are C0, DEL and C1; in UTF-8 every C1 character starts with 0xC2. A
     // byte scan settles the common case without decoding (an access-log line per request).
-    let suspect = |b: &u8| *b < 0x20 || *b == 0x7f || *b == 0xc2;
-    if !text.as_bytes().iter().any(suspect) || !text.chars().any(char::is_control) {
+    // Folded without stopping early, so that the compiler can scan many bytes per step.
+    let suspect = text.as_bytes().iter().fold(false, |seen, &b| {
+        seen | (b < 0x20) | (b == 0x7f) | (b == 0xc2)
+    });
+    if !suspect || !text.chars().any(char::is_control) {
         return text.into();
     }
     text.chars()
