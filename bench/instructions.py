@@ -10,6 +10,9 @@ so that an A/B reads in one run. Kernel time is not counted: a change that moves
 two needs `bench.py` as well. Slow (valgrind runs the gateway ~50x slower); for comparisons, not
 for the figures in docs/performance.md.
 
+Needs valgrind (`apt-get install valgrind`) besides what `bench/run` installs, a release build and
+the plugins built.
+
     python3 bench/instructions.py --chain policies --seconds 10 [--baseline OTHER_BINARY]
 """
 
