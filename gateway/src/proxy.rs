@@ -172,7 +172,10 @@ async fn forward_routed(
         upgrade,
         received,
     };
-    run_chain(snapshot, route, request, ids).await
+    // Boxed: a chain's future holds the plugin calls' futures and is several kilobytes; inline,
+    // it would make every request's future that big, chain or not, and hyper moves that future
+    // once per request.
+    Box::pin(run_chain(snapshot, route, request, ids)).await
 }
 
 /// A routed request on its way into the chain.
