@@ -135,7 +135,7 @@ fn init_logs(format: LogFormat) {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
 
-    use crate::log_output::{LogOutput, LogTime};
+    use crate::log_output::{LogOutput, LogTime, PluginLines};
 
     let from_plugin =
         |meta: &tracing::Metadata<'_>| meta.target() == crate::runtime::PLUGIN_LOG_TARGET;
@@ -160,11 +160,18 @@ fn init_logs(format: LogFormat) {
     match format {
         LogFormat::Text => registry
             .with(writer(ansi).with_filter(filter_fn(move |meta| !from_plugin(meta))))
-            .with(
+            // Plugin lines: in colour for a terminal, else the same text written directly.
+            .with(ansi.then(|| {
                 writer(ansi)
                     .with_ansi_sanitization(false)
-                    .with_filter(filter_fn(from_plugin)),
-            )
+                    .with_filter(filter_fn(from_plugin))
+            }))
+            .with((!ansi).then(|| {
+                fmt::layer()
+                    .with_writer(LogOutput)
+                    .event_format(PluginLines)
+                    .with_filter(filter_fn(from_plugin))
+            }))
             .init(),
         LogFormat::Json => registry
             .with(

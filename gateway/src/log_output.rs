@@ -16,9 +16,12 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// A buffer this full is written at once.
 pub const FLUSH_AT: usize = 16 << 10;
@@ -161,6 +164,106 @@ impl FormatTime for LogTime {
     }
 }
 
+/// The text format of plugin log lines (target [`PLUGIN_LOG_TARGET`]) when colour is off: the
+/// same text as tracing-subscriber's `Full` format writes for them
+/// (`<time> <level> wasmgate::plugin: <message> plugin="…" route="…" request_id="…" trace_id="…"`),
+/// written directly. An access-log plugin writes a line per request, and the general formatter
+/// (field visitors, colour wrappers that write nothing, `Debug` quoting character by character)
+/// cost more than the rest of the log call. The gateway has already escaped the message and
+/// checked the other fields, so nothing is escaped again, as with the general formatter
+/// configured for these lines.
+///
+/// [`PLUGIN_LOG_TARGET`]: crate::runtime::PLUGIN_LOG_TARGET
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PluginLines;
+
+impl<S, N> FormatEvent<S, N> for PluginLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        LogTime.format_time(&mut w)?;
+        let metadata = event.metadata();
+        let level = match *metadata.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        };
+        w.write_str(level)?;
+        w.write_str(metadata.target())?;
+        w.write_str(": ")?;
+        let mut fields = PlainFields {
+            w: &mut w,
+            result: Ok(()),
+            first: true,
+        };
+        event.record(&mut fields);
+        fields.result?;
+        w.write_char('\n')
+    }
+}
+
+/// Writes an event's fields as the `Full` format does: the message bare, then ` name=value`.
+struct PlainFields<'w, 'a> {
+    w: &'w mut Writer<'a>,
+    result: std::fmt::Result,
+    first: bool,
+}
+
+impl PlainFields<'_, '_> {
+    fn separate(&mut self, field: &Field) -> std::fmt::Result {
+        if !std::mem::take(&mut self.first) {
+            self.w.write_char(' ')?;
+        }
+        if field.name() != "message" {
+            self.w.write_str(field.name())?;
+            self.w.write_char('=')?;
+        }
+        Ok(())
+    }
+}
+
+impl Visit for PlainFields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.separate(field).and_then(|()| {
+            if field.name() == "message" {
+                return self.w.write_str(value);
+            }
+            // What `Debug` writes for a string that needs no escape; the others go through it.
+            let plain = value
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
+            if plain {
+                self.w.write_char('"')?;
+                self.w.write_str(value)?;
+                self.w.write_char('"')
+            } else {
+                write!(self.w, "{value:?}")
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self
+            .separate(field)
+            .and_then(|()| write!(self.w, "{value:?}"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +292,75 @@ mod tests {
             // A new second on the thread formats a new date: crossing one must not keep the old.
             std::thread::sleep(Duration::from_millis(400));
         }
+    }
+
+    /// A writer into a shared buffer, for a subscriber under test.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    /// The lines `emit` logs through `format`, timestamps cut off.
+    fn lines_with<F>(format: F, emit: impl Fn()) -> Vec<String>
+    where
+        F: FormatEvent<
+                tracing_subscriber::Registry,
+                tracing_subscriber::fmt::format::DefaultFields,
+            > + Send
+            + Sync
+            + 'static,
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        let out = Captured::default();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .with_ansi_sanitization(false)
+            .event_format(format);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| {
+                assert!(
+                    line.as_bytes()[19] == b'.' && &line[26..27] == "Z",
+                    "{line}"
+                );
+                line[27..].to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plugin_lines_are_the_text_the_general_formatter_writes() {
+        let emit = || {
+            let (plugin, route, request_id, trace_id) =
+                ("access-log", "r0", "3c0a669695d2286ac336b508bc5dc990", "");
+            let message = r#"{"status":200,"path":"/a b"}"#;
+            tracing::info!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "{message}");
+            let odd = "say \"hi\"\\ caf\u{e9}";
+            tracing::warn!(target: "wasmgate::plugin", plugin = odd, route, request_id, trace_id, "careful");
+            tracing::trace!(target: "wasmgate::plugin", plugin, route = "", request_id, trace_id, "t");
+            tracing::error!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "");
+        };
+        let general = tracing_subscriber::fmt::format().with_timer(LogTime);
+        let expected = lines_with(general, emit);
+        assert_eq!(expected.len(), 4);
+        assert_eq!(lines_with(PluginLines, emit), expected);
     }
 
     fn buffered_len() -> Option<usize> {
