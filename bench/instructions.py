@@ -14,6 +14,7 @@ Needs valgrind (`apt-get install valgrind`) besides what `bench/run` installs, a
 the plugins built.
 
     python3 bench/instructions.py --chain policies --seconds 10 [--baseline OTHER_BINARY]
+    python3 bench/instructions.py --seconds 6 --floor native-client   # bare path beside a floor
 """
 
 import argparse
@@ -29,20 +30,27 @@ import bench  # noqa: E402
 import profile as chains  # noqa: E402  (the chains profile.py knows)
 
 
-def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections, dir, label):
+def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections, dir, label,
+            floor=None):
+    """Counts `binary` (a wasmgate, or with `floor` the hyper-floor binary in that mode)."""
     up_port = bench.free_port()
     upstream = bench.Target("upstream", ["nginx", "-c", str(bench.nginx_conf(
         dir, f"upstream-{label}", "", bench.UPSTREAM_HTTP.format(port=up_port)))], up_port)
     port = bench.free_port()
-    manifest = bench.wasmgate_manifest(dir, f"counted-{label}", port, up_port, chain, isolation,
-                                       plugin_dir=plugin_dir)
-    # Valgrind runs plugin code ~50x slower than it runs: the default deadlines would end it.
-    manifest.write_text(manifest.read_text().replace(f"isolation: {isolation} }}",
-                                                     f"isolation: {isolation}, deadline: 10s }}"))
+    if floor:
+        mode = [] if floor == "hyper" else [floor]
+        command = [binary, f"127.0.0.1:{port}", f"127.0.0.1:{up_port}", *mode]
+    else:
+        manifest = bench.wasmgate_manifest(dir, f"counted-{label}", port, up_port, chain,
+                                           isolation, plugin_dir=plugin_dir)
+        # Valgrind runs plugin code ~50x slower than it runs: the default deadlines would end it.
+        manifest.write_text(manifest.read_text().replace(
+            f"isolation: {isolation} }}", f"isolation: {isolation}, deadline: 10s }}"))
+        command = [binary, "run", "-c", str(manifest)]
     out = f"{dir}/callgrind-{label}.out"
     gateway = bench.Target(label, [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--smc-check=all",
-        binary, "run", "-c", str(manifest)], port, headers,
+        *command], port, headers,
         # Valgrind cannot reserve the address space of the default instance slots (4 GiB and more
         # each); with 4, a chain of three plugins runs at one or two connections.
         env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4"},
@@ -105,6 +113,8 @@ def main():
     parser.add_argument("--plugins", default=None, help="the folder of .wasm plugins (default: the built ones)")
     parser.add_argument("--baseline", help="another wasmgate binary, counted the same way")
     parser.add_argument("--baseline-plugins", default=None)
+    parser.add_argument("--floor", choices=["hyper", "native-client", "raw"],
+                        help="also count bench/hyper-floor in this mode (the bare path's floors)")
     args = parser.parse_args()
 
     chain, headers = chains.CHAINS[args.chain]
@@ -115,9 +125,13 @@ def main():
     if args.baseline:
         runs.append(("baseline", args.baseline, args.baseline_plugins or args.plugins))
     results = {}
+    if args.floor:
+        runs.append((f"{args.floor} floor", str(bench.FLOOR), None))
     for label, binary, plugins in runs:
+        floor = args.floor if label.endswith(" floor") else None
         instructions, copies, requests = measure(binary, plugins, chain, headers, args.isolation,
-                                                 args.seconds, args.connections, dir, label)
+                                                 args.seconds, args.connections, dir,
+                                                 label.replace(" ", "-"), floor)
         results[label] = instructions / requests
         print(f"{label}: {results[label]:,.0f} instructions per request, of which "
               f"{copies / requests:,.0f} in memcpy/memset (chain {args.chain}, {requests} requests, "

@@ -8,7 +8,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::Entry;
 use http::header::{FORWARDED, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
@@ -16,6 +15,14 @@ use ipnet::IpNet;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The headers this module writes.
+static FORWARDING: [&HeaderName; 4] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+    &FORWARDED,
+];
 
 /// The networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
@@ -98,33 +105,43 @@ pub fn apply(
     proto: &'static str,
     trusted: &TrustedProxies,
 ) {
-    let believed = trusted.trusts(client.ip);
-    if !believed {
-        for name in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &FORWARDED,
-        ] {
-            headers.remove(name);
+    // Which of the four the request carries, found in one pass over its names instead of a
+    // hashed lookup for each (this runs for every request, and most carry none of them).
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(index) = FORWARDING.iter().position(|known| *known == name) {
+            present |= 1 << index;
         }
     }
+    if present != 0 && !trusted.trusts(client.ip) {
+        for (index, name) in FORWARDING.iter().enumerate() {
+            if present & 1 << index != 0 {
+                headers.remove(*name);
+            }
+        }
+        present = 0;
+    }
+    let carries = |name: &HeaderName| {
+        FORWARDING
+            .iter()
+            .position(|known| *known == name)
+            .is_some_and(|index| present & 1 << index != 0)
+    };
     // The host the client asked for: `Host`, or the authority of an HTTP/2 or absolute-form URI.
     let host = headers.get(HOST).cloned().or_else(|| {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    match headers.entry(&X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(client.listed.clone());
-        }
-        Entry::Occupied(_) => append(headers, &X_FORWARDED_FOR, client.listed.as_bytes(), ", "),
+    if carries(&X_FORWARDED_FOR) {
+        append(headers, &X_FORWARDED_FOR, client.listed.as_bytes(), ", ");
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), client.listed.clone());
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !carries(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST)
+    if !carries(&X_FORWARDED_HOST)
         && let Some(host) = &host
     {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -149,7 +166,11 @@ pub fn apply(
     }
     element.push_str(";proto=");
     element.push_str(proto);
-    append(headers, &FORWARDED, element.as_bytes(), ", ");
+    if carries(&FORWARDED) {
+        append(headers, &FORWARDED, element.as_bytes(), ", ");
+    } else if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(element)) {
+        headers.insert(FORWARDED, value);
+    }
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -213,6 +234,14 @@ mod tests {
             headers["forwarded"],
             "for=192.0.2.9;host=api.example.com;proto=http"
         );
+        assert_one_each(&headers);
+    }
+
+    /// Each forwarding header is one field, whether it was received, replaced or added.
+    fn assert_one_each(headers: &HeaderMap) {
+        for name in FORWARDING {
+            assert_eq!(headers.get_all(name).iter().count(), 1, "{name}");
+        }
     }
 
     #[test]
@@ -239,6 +268,9 @@ mod tests {
             headers["forwarded"],
             "for=1.2.3.4;proto=https, for=10.1.2.3;host=api.example.com:8443;proto=http"
         );
+        // Not received, so added.
+        assert_eq!(headers["x-forwarded-host"], "api.example.com:8443");
+        assert_one_each(&headers);
 
         let mut v6 = request(&[("host", "[::1]:8080")]);
         let peer = ClientAddr::new("[::1]:5000".parse().unwrap());
@@ -247,6 +279,8 @@ mod tests {
             v6["forwarded"],
             "for=\"[::1]\";host=\"[::1]:8080\";proto=http"
         );
+        assert_eq!(v6["x-forwarded-for"], "::1");
+        assert_one_each(&v6);
         // An IPv4 client on a dual-stack socket is written as IPv4.
         let mut mapped = request(&[]);
         let peer = ClientAddr::new("[::ffff:10.0.0.1]:5000".parse().unwrap());
