@@ -19,10 +19,10 @@
 //! `set-cookie` are always redacted, whatever the configuration says. Control characters in values
 //! are escaped by the JSON encoding.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
-use serde_json::Value;
 use wasmgate_plugin_sdk::{Plugin, Request, Response, export_plugin, log, properties};
 
 /// Every field, in output order.
@@ -80,13 +80,45 @@ pub struct Config {
     pub redact_query: Vec<String>,
 }
 
+/// Indices into [`FIELDS`] (the bit of each in the configured set).
+pub mod field {
+    #![allow(missing_docs)]
+    pub const TIME: usize = 0;
+    pub const REQUEST_ID: usize = 1;
+    pub const ROUTE: usize = 2;
+    pub const METHOD: usize = 3;
+    pub const PATH: usize = 4;
+    pub const QUERY: usize = 5;
+    pub const STATUS: usize = 6;
+    pub const DURATION_MS: usize = 7;
+    pub const UPSTREAM_MS: usize = 8;
+    pub const CLIENT: usize = 9;
+    pub const SUBJECT: usize = 10;
+    pub const CONSUMER: usize = 11;
+    pub const BYTES_IN: usize = 12;
+    pub const BYTES_OUT: usize = 13;
+    pub const COMPLETED: usize = 14;
+    pub const HEADERS: usize = 15;
+}
+
+/// One value of a line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Text, escaped as a JSON string when written.
+    Text(String),
+    /// A number in JSON's syntax (checked by [`number`]), written as it is.
+    Number(String),
+    /// `true` or `false`.
+    Bool(bool),
+}
+
 /// What one line is made of.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Entry {
     /// Seconds and nanoseconds since the Unix epoch.
     pub time: (u64, u32),
-    /// Values of the simple fields, by name.
-    pub values: Vec<(&'static str, Value)>,
+    /// The simple fields' values, by index into [`FIELDS`]; `None` leaves a field out.
+    pub values: [Option<Value>; FIELDS.len()],
     /// Selected request headers.
     pub headers: Vec<(String, String)>,
 }
@@ -96,57 +128,67 @@ pub struct AccessLog {
     /// The fields to write, one bit per index into [`FIELDS`].
     fields: u32,
     headers: Vec<String>,
-    redact_headers: BTreeSet<String>,
+    /// Lower-cased.
+    redact_headers: Vec<String>,
     redact_query: BTreeSet<String>,
 }
 
 impl AccessLog {
-    fn wants(&self, field: &str) -> bool {
-        FIELDS
-            .iter()
-            .position(|known| *known == field)
-            .is_some_and(|index| self.fields & (1 << index) != 0)
+    fn wants(&self, index: usize) -> bool {
+        self.fields & (1 << index) != 0
     }
 
-    /// Builds the JSON line, fields in [`FIELDS`] order, written straight into one buffer
-    /// (this runs for every request).
+    /// Builds the JSON line, fields in [`FIELDS`] order, written straight into one buffer.
+    /// This runs for every request: fields are found by index, numbers are copied as the host
+    /// wrote them rather than parsed and formatted again.
     pub fn render(&self, entry: &Entry) -> String {
         let mut line = Vec::with_capacity(320);
         line.push(b'{');
-        for (index, field) in FIELDS.iter().enumerate() {
-            if self.fields & (1 << index) == 0 {
+        for (index, name) in FIELDS.iter().enumerate() {
+            if !self.wants(index) {
                 continue;
             }
-            let value = match *field {
-                "time" | "headers" => None,
-                _ => match entry.values.iter().find(|(name, _)| name == field) {
-                    Some((_, value)) => Some(value),
+            let value = match index {
+                field::TIME => None,
+                field::HEADERS if self.headers.is_empty() => continue,
+                field::HEADERS => None,
+                _ => match &entry.values[index] {
+                    Some(value) => Some(value),
                     None => continue,
                 },
             };
-            if *field == "headers" && self.headers.is_empty() {
-                continue;
-            }
             if line.len() > 1 {
                 line.push(b',');
             }
             // Field names are plain ASCII words: no escaping needed.
             line.push(b'"');
-            line.extend_from_slice(field.as_bytes());
+            line.extend_from_slice(name.as_bytes());
             line.extend_from_slice(b"\":");
-            // serde_json escapes quotes and control characters in every value written.
-            let written = match (*field, value) {
-                ("time", _) => {
+            // serde_json escapes quotes and control characters in every string written.
+            let written = match (index, value) {
+                (field::TIME, _) => {
                     line.push(b'"');
                     write_rfc3339(&mut line, entry.time.0, entry.time.1);
                     line.push(b'"');
                     Ok(())
                 }
-                ("headers", _) => self.write_headers(&mut line, &entry.headers),
-                ("query", Some(Value::String(query))) => {
+                (field::HEADERS, _) => self.write_headers(&mut line, &entry.headers),
+                (field::QUERY, Some(Value::Text(query))) => {
                     serde_json::to_writer(&mut line, &self.redact_query(query))
                 }
-                (_, Some(value)) => serde_json::to_writer(&mut line, value),
+                (_, Some(Value::Text(text))) => serde_json::to_writer(&mut line, text),
+                (_, Some(Value::Number(number))) => {
+                    line.extend_from_slice(number.as_bytes());
+                    Ok(())
+                }
+                (_, Some(Value::Bool(true))) => {
+                    line.extend_from_slice(b"true");
+                    Ok(())
+                }
+                (_, Some(Value::Bool(false))) => {
+                    line.extend_from_slice(b"false");
+                    Ok(())
+                }
                 (_, None) => Ok(()),
             };
             debug_assert!(written.is_ok(), "writing to a Vec cannot fail");
@@ -180,19 +222,29 @@ impl AccessLog {
     }
 
     fn redacted(&self, header: &str) -> bool {
-        let header = header.to_ascii_lowercase();
-        ALWAYS_REDACTED.contains(&header.as_str()) || self.redact_headers.contains(&header)
+        ALWAYS_REDACTED
+            .into_iter()
+            .chain(self.redact_headers.iter().map(String::as_str))
+            .any(|redacted| redacted.eq_ignore_ascii_case(header))
     }
 
-    fn redact_query(&self, query: &str) -> String {
-        query
+    fn redact_query<'q>(&self, query: &'q str) -> Cow<'q, str> {
+        let redacts = |pair: &str| {
+            pair.split_once('=')
+                .is_some_and(|(key, _)| self.redact_query.contains(key))
+        };
+        if !query.split('&').any(redacts) {
+            return Cow::Borrowed(query);
+        }
+        let redacted = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
                 Some((key, _)) if self.redact_query.contains(key) => format!("{key}=[redacted]"),
                 _ => pair.to_string(),
             })
             .collect::<Vec<_>>()
-            .join("&")
+            .join("&");
+        Cow::Owned(redacted)
     }
 }
 
@@ -218,14 +270,16 @@ fn write_rfc3339(out: &mut Vec<u8>, secs: u64, nanos: u32) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    // u32 digits: 64-bit division is a library call on wasm32.
+    let rem = rem as u32;
     let parts = [
-        (year.max(0) as u64, 4, b'-'),
-        (month as u64, 2, b'-'),
-        (day as u64, 2, b'T'),
+        (year.clamp(0, 9999) as u32, 4, b'-'),
+        (month as u32, 2, b'-'),
+        (day as u32, 2, b'T'),
         (rem / 3600, 2, b':'),
         (rem % 3600 / 60, 2, b':'),
         (rem % 60, 2, b'.'),
-        (u64::from(nanos / 1_000_000), 3, b'Z'),
+        (nanos / 1_000_000, 3, b'Z'),
     ];
     for (value, width, after) in parts {
         push_padded(out, value, width);
@@ -234,8 +288,8 @@ fn write_rfc3339(out: &mut Vec<u8>, secs: u64, nanos: u32) {
 }
 
 /// Writes `value` in decimal, zero-padded to `width` digits.
-fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
-    let mut digits = [b'0'; 20];
+fn push_padded(out: &mut Vec<u8>, mut value: u32, width: usize) {
+    let mut digits = [b'0'; 10];
     let mut start = digits.len();
     loop {
         start -= 1;
@@ -248,14 +302,60 @@ fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
     out.extend_from_slice(&digits[start.min(digits.len() - width)..]);
 }
 
-fn number(text: Option<String>) -> Option<Value> {
+/// A number the host or the client wrote as text, as a JSON number: leading zeros of a whole
+/// number are dropped (a `Content-Length` may have them); anything that is not JSON's number
+/// syntax gives no value, so that the line stays valid JSON.
+pub fn number(text: Option<String>) -> Option<Value> {
     let text = text?;
-    text.parse::<u64>().map(Value::from).ok().or_else(|| {
-        text.parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map(Value::Number)
-    })
+    let bytes = text.as_bytes();
+    if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
+        let zeros = bytes.iter().take_while(|&&b| b == b'0').count();
+        let keep = zeros.min(bytes.len() - 1);
+        return Some(Value::Number(text[keep..].to_owned()));
+    }
+    is_json_number(bytes).then_some(Value::Number(text))
+}
+
+/// Whether `text` is a number in JSON's grammar (RFC 8259 section 6).
+fn is_json_number(text: &[u8]) -> bool {
+    let digits = |at: &mut usize| {
+        let start = *at;
+        while text.get(*at).is_some_and(u8::is_ascii_digit) {
+            *at += 1;
+        }
+        *at > start
+    };
+    let mut at = usize::from(text.first() == Some(&b'-'));
+    match text.get(at) {
+        Some(b'0') => at += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut at);
+        }
+        _ => return false,
+    }
+    if text.get(at) == Some(&b'.') {
+        at += 1;
+        if !digits(&mut at) {
+            return false;
+        }
+    }
+    if matches!(text.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(text.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        if !digits(&mut at) {
+            return false;
+        }
+    }
+    at == text.len()
+}
+
+/// A small whole number in decimal, without the formatting machinery.
+fn decimal(value: u16) -> String {
+    let mut out = Vec::with_capacity(5);
+    push_padded(&mut out, u32::from(value), 1);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 impl Plugin for AccessLog {
@@ -296,55 +396,59 @@ impl Plugin for AccessLog {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let mut values: Vec<(&'static str, Value)> = Vec::new();
-        let mut put = |field: &'static str, value: Option<Value>| {
-            if let Some(value) = value
-                && self.wants(field)
-            {
-                values.push((field, value));
+        let mut entry = Entry {
+            time: (now.as_secs(), now.subsec_nanos()),
+            ..Entry::default()
+        };
+        // Each value is read from the host only when its field is wanted: every read is a
+        // call out of the sandbox.
+        let mut put = |index: usize, value: &dyn Fn() -> Option<Value>| {
+            if self.wants(index) {
+                entry.values[index] = value();
             }
         };
-        put(
-            "request_id",
-            request.header("x-request-id").map(Value::String),
-        );
-        put("route", Some(Value::String(request.route_name())));
-        put("method", Some(Value::String(request.method())));
-        put("path", Some(Value::String(request.path())));
-        put("query", request.query().map(Value::String));
-        put("status", Some(Value::from(response.status())));
-        put(
-            "duration_ms",
-            number(properties::get("wasmgate.duration_ms")),
-        );
-        put(
-            "upstream_ms",
-            number(properties::get("wasmgate.upstream_ms")),
-        );
-        put("client", Some(Value::String(request.client_addr())));
-        put("subject", properties::get("subject").map(Value::String));
-        put("consumer", properties::get("consumer").map(Value::String));
-        let bytes_in =
-            properties::get("wasmgate.bytes_in").or_else(|| request.header("content-length"));
-        put("bytes_in", number(bytes_in));
-        put("bytes_out", number(properties::get("wasmgate.bytes_out")));
-        put(
-            "completed",
-            properties::get("wasmgate.completed").map(|done| Value::Bool(done == "true")),
-        );
-        let headers = if self.wants("headers") {
-            self.headers
+        let text = |value: String| Some(Value::Text(value));
+        put(field::REQUEST_ID, &|| {
+            request.header("x-request-id").map(Value::Text)
+        });
+        put(field::ROUTE, &|| text(request.route_name()));
+        put(field::METHOD, &|| text(request.method()));
+        put(field::PATH, &|| text(request.path()));
+        put(field::QUERY, &|| request.query().map(Value::Text));
+        put(field::STATUS, &|| {
+            Some(Value::Number(decimal(response.status())))
+        });
+        put(field::DURATION_MS, &|| {
+            number(properties::get("wasmgate.duration_ms"))
+        });
+        put(field::UPSTREAM_MS, &|| {
+            number(properties::get("wasmgate.upstream_ms"))
+        });
+        put(field::CLIENT, &|| text(request.client_addr()));
+        put(field::SUBJECT, &|| {
+            properties::get("subject").map(Value::Text)
+        });
+        put(field::CONSUMER, &|| {
+            properties::get("consumer").map(Value::Text)
+        });
+        put(field::BYTES_IN, &|| {
+            number(
+                properties::get("wasmgate.bytes_in").or_else(|| request.header("content-length")),
+            )
+        });
+        put(field::BYTES_OUT, &|| {
+            number(properties::get("wasmgate.bytes_out"))
+        });
+        put(field::COMPLETED, &|| {
+            properties::get("wasmgate.completed").map(|done| Value::Bool(done == "true"))
+        });
+        if self.wants(field::HEADERS) {
+            entry.headers = self
+                .headers
                 .iter()
                 .filter_map(|name| request.header(name).map(|value| (name.clone(), value)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let entry = Entry {
-            time: (now.as_secs(), now.subsec_nanos()),
-            values,
-            headers,
-        };
+                .collect();
+        }
         log::info(&self.render(&entry));
     }
 }
@@ -360,21 +464,78 @@ mod tests {
     }
 
     fn entry() -> Entry {
-        Entry {
+        let mut entry = Entry {
             time: (1_764_417_600, 123_000_000),
-            values: vec![
-                ("route", Value::from("api")),
-                ("method", Value::from("GET")),
-                ("path", Value::from("/a\nb")),
-                ("query", Value::from("x=1&token=s3cret")),
-                ("status", Value::from(200)),
-            ],
             headers: vec![
                 ("user-agent".into(), "curl".into()),
                 ("authorization".into(), "Bearer s3cret".into()),
-                ("x-api-key".into(), "k".into()),
+                ("X-Api-Key".into(), "k".into()),
             ],
+            ..Entry::default()
+        };
+        let text = |value: &str| Some(Value::Text(value.into()));
+        entry.values[field::ROUTE] = text("api");
+        entry.values[field::METHOD] = text("GET");
+        entry.values[field::PATH] = text("/a\nb");
+        entry.values[field::QUERY] = text("x=1&token=s3cret");
+        entry.values[field::STATUS] = Some(Value::Number(decimal(200)));
+        entry.values[field::DURATION_MS] = number(Some("12.500".into()));
+        entry.values[field::COMPLETED] = Some(Value::Bool(true));
+        entry
+    }
+
+    #[test]
+    fn field_indices_name_their_fields() {
+        let indices = [
+            (field::TIME, "time"),
+            (field::REQUEST_ID, "request_id"),
+            (field::ROUTE, "route"),
+            (field::METHOD, "method"),
+            (field::PATH, "path"),
+            (field::QUERY, "query"),
+            (field::STATUS, "status"),
+            (field::DURATION_MS, "duration_ms"),
+            (field::UPSTREAM_MS, "upstream_ms"),
+            (field::CLIENT, "client"),
+            (field::SUBJECT, "subject"),
+            (field::CONSUMER, "consumer"),
+            (field::BYTES_IN, "bytes_in"),
+            (field::BYTES_OUT, "bytes_out"),
+            (field::COMPLETED, "completed"),
+            (field::HEADERS, "headers"),
+        ];
+        assert_eq!(indices.len(), FIELDS.len());
+        for (index, name) in indices {
+            assert_eq!(FIELDS[index], name);
         }
+    }
+
+    #[test]
+    fn numbers_are_written_only_in_json_syntax() {
+        let written = |text: &str| match number(Some(text.into())) {
+            Some(Value::Number(number)) => Some(number),
+            _ => None,
+        };
+        for (text, json) in [
+            ("0", "0"),
+            ("18", "18"),
+            ("007", "7"),
+            ("000", "0"),
+            ("0.123", "0.123"),
+            ("12.500", "12.500"),
+            ("-1.5e3", "-1.5e3"),
+            ("184467440737095516150", "184467440737095516150"),
+        ] {
+            assert_eq!(written(text).as_deref(), Some(json), "{text}");
+        }
+        for bad in [
+            "", "-", "1.", ".5", "01.5", "1e", "NaN", "inf", "+1", "1 ", "0x10", "1,5",
+        ] {
+            assert_eq!(written(bad), None, "{bad:?}");
+        }
+        assert_eq!(decimal(0), "0");
+        assert_eq!(decimal(404), "404");
+        assert_eq!(decimal(u16::MAX), "65535");
     }
 
     #[test]
@@ -384,13 +545,16 @@ mod tests {
         );
         let line = log.render(&entry());
         assert!(!line.contains('\n'), "{line}");
-        let parsed: Value = serde_json::from_str(&line).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["time"], "2025-11-29T12:00:00.123Z");
+        assert_eq!(parsed["status"], 200);
+        assert_eq!(parsed["duration_ms"], 12.5);
+        assert_eq!(parsed["completed"], true);
         assert_eq!(parsed["path"], "/a\nb");
         assert_eq!(parsed["query"], "x=1&token=[redacted]");
         assert_eq!(parsed["headers"]["user-agent"], "curl");
         assert_eq!(parsed["headers"]["authorization"], "[redacted]");
-        assert_eq!(parsed["headers"]["x-api-key"], "[redacted]");
+        assert_eq!(parsed["headers"]["X-Api-Key"], "[redacted]");
         assert!(!line.contains("s3cret"), "{line}");
     }
 
