@@ -262,12 +262,12 @@ class Target:
         self.env, self.log = env, log
         self.proc = None
 
-    def start(self, dir):
+    def start(self, dir, limit=60.0):
         log = open(self.log or os.devnull, "ab")
         env = dict(os.environ, **(self.env or {}))
         self.proc = subprocess.Popen(["taskset", "-c", "0", *self.argv], stdout=log, stderr=log, env=env,
                                      start_new_session=True)
-        wait_port(self.port, self.proc, self.name, log=self.log)
+        wait_port(self.port, self.proc, self.name, limit=limit, log=self.log)
 
     def pids(self):
         pids = [self.proc.pid]

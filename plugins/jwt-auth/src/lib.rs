@@ -151,10 +151,37 @@ pub enum Refusal {
     InsufficientScope,
 }
 
+/// What a token signed with `alg` must satisfy under `config`.
+fn validation(config: &Config, alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.algorithms = vec![alg];
+    validation.leeway = config.leeway;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp".to_string()];
+    if config.issuers.is_empty() {
+        validation.iss = None;
+    } else {
+        validation.set_issuer(&config.issuers);
+        required.push("iss".into());
+    }
+    if config.audiences.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&config.audiences);
+        required.push("aud".into());
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
 /// Verifies tokens against a configuration.
 pub struct Verifier {
     config: Config,
     keys: Vec<Key>,
+    /// The checks for each allowed algorithm, built once: a `Validation` is a handful of hash
+    /// sets, which cost more to build for every request than the claims cost to check.
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 impl Verifier {
@@ -226,7 +253,16 @@ impl Verifier {
         if config.max_token_bytes == 0 {
             return Err("`max_token_bytes` must be positive".into());
         }
-        Ok(Verifier { config, keys })
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|&alg| (alg, validation(&config, alg)))
+            .collect();
+        Ok(Verifier {
+            config,
+            keys,
+            validations,
+        })
     }
 
     /// The configuration.
@@ -249,27 +285,14 @@ impl Verifier {
         }
         let key = self.key_for(header.kid.as_deref(), header.alg)?;
 
-        let mut validation = Validation::new(header.alg);
-        validation.algorithms = vec![header.alg];
-        validation.leeway = self.config.leeway;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp".to_string()];
-        if self.config.issuers.is_empty() {
-            validation.iss = None;
-        } else {
-            validation.set_issuer(&self.config.issuers);
-            required.push("iss".into());
-        }
-        if self.config.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&self.config.audiences);
-            required.push("aud".into());
-        }
-        validation.set_required_spec_claims(&required);
+        let validation = self
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, validation)| validation)
+            .ok_or(InvalidToken("algorithm not allowed"))?;
 
-        let data = decode::<Map<String, Value>>(token, key, &validation).map_err(|err| {
+        let data = decode::<Map<String, Value>>(token, key, validation).map_err(|err| {
             use jsonwebtoken::errors::ErrorKind;
             InvalidToken(match err.kind() {
                 ErrorKind::ExpiredSignature => "expired",
