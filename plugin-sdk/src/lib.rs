@@ -378,6 +378,46 @@ pub mod properties {
         wit::properties::get(key)
     }
 
+    /// The values of `keys`, in order, in one call out of the sandbox: for a plugin that reads
+    /// many values (every call out has a fixed cost). The request's own fields read as
+    /// properties too (`wasmgate.method`, `wasmgate.path`, `wasmgate.query`, `wasmgate.route`,
+    /// `wasmgate.client_addr`, `wasmgate.request_id`). At most 64 keys; more stops the plugin.
+    /// Build the key list once (at configuration), not for every request.
+    pub fn get_many(keys: &[String]) -> Vec<Option<String>> {
+        decode_many(&wit::properties::get_many(keys), keys.len())
+    }
+
+    /// The values in the buffer `get-many` returns (the contract says how it is laid out); a
+    /// value cut short or not UTF-8 reads as absent.
+    pub(crate) fn decode_many(mut buffer: &[u8], count: usize) -> Vec<Option<String>> {
+        let mut values = Vec::with_capacity(count);
+        for _ in 0..count {
+            let value = match buffer.split_first() {
+                Some((1, rest)) if rest.len() >= 4 => {
+                    let (length, rest) = rest.split_at(4);
+                    let length = u32::from_le_bytes([length[0], length[1], length[2], length[3]]);
+                    match rest.split_at_checked(length as usize) {
+                        Some((text, rest)) => {
+                            buffer = rest;
+                            std::str::from_utf8(text).ok().map(str::to_owned)
+                        }
+                        None => {
+                            buffer = &[];
+                            None
+                        }
+                    }
+                }
+                Some((_, rest)) => {
+                    buffer = rest;
+                    None
+                }
+                None => None,
+            };
+            values.push(value);
+        }
+        values
+    }
+
     /// Sets a property for the plugins that run after this one (and for the response phase).
     pub fn set(key: &str, value: &str) -> Result<(), HostError> {
         wit::properties::set(key, value).map_err(HostError)
@@ -550,6 +590,24 @@ mod glue {
 #[cfg(test)]
 mod tests {
     use super::glue::parse_config;
+    use super::properties;
+
+    #[test]
+    fn get_many_buffers_decode_in_order_and_a_bad_one_reads_as_absent() {
+        let mut buffer = vec![1, 5, 0, 0, 0];
+        buffer.extend_from_slice(b"alice");
+        buffer.push(0);
+        buffer.extend_from_slice(&[1, 0, 0, 0, 0]);
+        assert_eq!(
+            properties::decode_many(&buffer, 3),
+            [Some("alice".to_string()), None, Some(String::new())]
+        );
+        // Fewer values than keys, a length past the end, bytes that are not UTF-8: never a
+        // panic, and nothing made up.
+        assert_eq!(properties::decode_many(&[], 2), [None, None]);
+        assert_eq!(properties::decode_many(&[1, 9, 0, 0, 0, b'a'], 1), [None]);
+        assert_eq!(properties::decode_many(&[1, 1, 0, 0, 0, 0xff], 1), [None]);
+    }
 
     #[derive(Debug, serde::Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]

@@ -33,6 +33,7 @@ pub const GUESTS: &[&str] = &[
     "api-key",
     "access-log",
     "cors",
+    "contract-0-2-0-plugin",
 ];
 
 /// The workspace's root folder.

@@ -15,6 +15,7 @@ plugins:
   header-rewrite: { source: "{plugins}/header_rewrite.wasm" }
   probe: { source: "{plugins}/probe_plugin.wasm" }
   body-probe: { source: "{plugins}/probe_plugin.wasm", body: true }
+  contract-020: { source: "{plugins}/contract_0_2_0_plugin.wasm" }
 "#;
 
 fn manifest(upstream: &TestUpstream, routes: &str) -> String {
@@ -250,6 +251,77 @@ async fn properties_are_shared_along_the_chain_and_not_across_requests() {
     assert_eq!(upstream.last().headers["x-subject"], "alice");
     gateway.get("x.test", "/without").await;
     assert_eq!(upstream.last().headers["x-subject"], "<unset>");
+}
+
+#[tokio::test]
+async fn properties_and_the_requests_own_fields_read_in_one_call() {
+    let upstream = TestUpstream::start("main").await;
+    let keys = [
+        "subject",
+        "wasmgate.method",
+        "wasmgate.path",
+        "wasmgate.query",
+        "wasmgate.route",
+        "wasmgate.client_addr",
+        "wasmgate.request_id",
+        "never-set",
+    ];
+    let too_many: Vec<String> = (0..65).map(|i| format!("key{i}")).collect();
+    let routes = format!(
+        r#"
+  - name: fields
+    match: {{ prefix: /fields }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: auth, set_property: {{ subject: alice }} }} }}
+      - {{ name: probe, config: {{ tag: log, read_many: [{}] }} }}
+  - name: greedy
+    match: {{ prefix: /greedy }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: greedy, read_many: [{}] }} }}
+"#,
+        keys.join(", "),
+        too_many.join(", ")
+    );
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    let response = gateway.get("x.test", "/fields/x?y=1").await;
+    assert_eq!(response.status, StatusCode::OK);
+    let seen = upstream.last();
+    let many = seen.headers["x-many"].to_str().unwrap().to_string();
+    // One call for all the keys reads what one call per key reads.
+    assert_eq!(many, seen.headers["x-each"].to_str().unwrap());
+    let values: Vec<&str> = many.split('|').collect();
+    let request_id = seen.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(values[..5], ["alice", "GET", "/fields/x", "y=1", "fields"]);
+    assert!(values[5].starts_with("127.0.0.1:"), "{many}");
+    assert_eq!(values[6], request_id);
+    assert_eq!(values[7], "<unset>");
+
+    // Past the cap of 64 keys the plugin is stopped, and its request goes no further.
+    let before = upstream.seen().len();
+    let refused = gateway.get("x.test", "/greedy").await;
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(upstream.seen().len(), before);
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_contract_0_2_0_still_runs() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = r#"
+  - name: old
+    match: { prefix: / }
+    upstream: main
+    plugins:
+      - { name: probe, config: { tag: auth, set_property: { subject: alice } } }
+      - { name: contract-020 }
+"#;
+    let gateway = TestGateway::start(&manifest(&upstream, routes)).await;
+    let response = gateway.get("x.test", "/old").await;
+    assert_eq!(response.status, StatusCode::OK);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-contract"], "0.2.0");
+    assert_eq!(seen.headers["x-subject"], "alice");
 }
 
 #[tokio::test]

@@ -329,7 +329,31 @@ impl response::Host for PluginState {
 
 impl properties::Host for PluginState {
     fn get(&mut self, key: String) -> Result<Option<String>> {
-        Ok(self.exchange()?.properties.get(&key).map(str::to_owned))
+        Ok(property(self.exchange()?, &key).map(str::to_owned))
+    }
+
+    fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<u8>> {
+        if keys.len() > MAX_PROPERTIES {
+            let detail = format!(
+                "properties.get-many asked for {} keys, more than the {MAX_PROPERTIES} allowed",
+                keys.len()
+            );
+            return Err(self.fail(FailureKind::Cap, detail));
+        }
+        let exchange = self.exchange()?;
+        let mut out = Vec::with_capacity(keys.len() * 24);
+        for key in &keys {
+            match property(exchange, key) {
+                None => out.push(0),
+                Some(value) => {
+                    // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
+                    out.push(1);
+                    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                    out.extend_from_slice(value.as_bytes());
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn set(&mut self, key: String, value: String) -> Result<Result<(), String>> {
@@ -351,6 +375,21 @@ impl properties::Host for PluginState {
         }
         properties.insert(key, value);
         Ok(Ok(()))
+    }
+}
+
+/// A property's value: one set along the chain or by the gateway, or one of the request's own
+/// fields (`wasmgate.method` and the others the contract lists), read from the request itself.
+fn property<'e>(exchange: &'e Exchange, key: &str) -> Option<&'e str> {
+    let request = &exchange.request;
+    match key.strip_prefix("wasmgate.") {
+        Some("method") => Some(request.method.as_str()),
+        Some("path") => Some(request.uri.path()),
+        Some("query") => request.uri.query(),
+        Some("route") => Some(&exchange.route),
+        Some("client_addr") => Some(exchange.client.text()),
+        Some("request_id") => Some(exchange.request_id()),
+        _ => exchange.properties.get(key),
     }
 }
 

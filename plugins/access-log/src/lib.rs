@@ -123,10 +123,39 @@ pub struct Entry {
     pub headers: Vec<(String, String)>,
 }
 
+/// How a value read from the host is written.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Text,
+    Number,
+    Bool,
+}
+
+/// The property each field is read from (all but `time`, `status` and `headers`).
+const SOURCES: [(usize, &str, Kind); 12] = [
+    (field::REQUEST_ID, "wasmgate.request_id", Kind::Text),
+    (field::ROUTE, "wasmgate.route", Kind::Text),
+    (field::METHOD, "wasmgate.method", Kind::Text),
+    (field::PATH, "wasmgate.path", Kind::Text),
+    (field::QUERY, "wasmgate.query", Kind::Text),
+    (field::DURATION_MS, "wasmgate.duration_ms", Kind::Number),
+    (field::UPSTREAM_MS, "wasmgate.upstream_ms", Kind::Number),
+    (field::CLIENT, "wasmgate.client_addr", Kind::Text),
+    (field::SUBJECT, "subject", Kind::Text),
+    (field::CONSUMER, "consumer", Kind::Text),
+    (field::BYTES_IN, "wasmgate.bytes_in", Kind::Number),
+    (field::BYTES_OUT, "wasmgate.bytes_out", Kind::Number),
+];
+
 /// The plugin.
 pub struct AccessLog {
     /// The fields to write, one bit per index into [`FIELDS`].
     fields: u32,
+    /// The properties the wanted fields are read from, asked for in one call per request (a
+    /// call out of the sandbox costs about as much as rendering a field), and what each
+    /// becomes.
+    keys: Vec<String>,
+    reads: Vec<(usize, Kind)>,
     headers: Vec<String>,
     /// Lower-cased.
     redact_headers: Vec<String>,
@@ -376,8 +405,16 @@ impl Plugin for AccessLog {
                     .ok_or_else(|| format!("unknown field `{f}` (known: {})", FIELDS.join(", ")))
             })?,
         };
+        let wanted = SOURCES
+            .iter()
+            .chain([(field::COMPLETED, "wasmgate.completed", Kind::Bool)].iter())
+            .filter(|(index, _, _)| fields & (1 << index) != 0);
+        let keys = wanted.clone().map(|(_, key, _)| key.to_string()).collect();
+        let reads = wanted.map(|&(index, _, kind)| (index, kind)).collect();
         Ok(AccessLog {
             fields,
+            keys,
+            reads,
             headers: config
                 .headers
                 .iter()
@@ -400,48 +437,23 @@ impl Plugin for AccessLog {
             time: (now.as_secs(), now.subsec_nanos()),
             ..Entry::default()
         };
-        // Each value is read from the host only when its field is wanted: every read is a
-        // call out of the sandbox.
-        let mut put = |index: usize, value: &dyn Fn() -> Option<Value>| {
-            if self.wants(index) {
-                entry.values[index] = value();
+        if !self.keys.is_empty() {
+            let values = properties::get_many(&self.keys);
+            for (&(index, kind), value) in self.reads.iter().zip(values) {
+                entry.values[index] = match kind {
+                    Kind::Text => value.map(Value::Text),
+                    Kind::Number => number(value),
+                    Kind::Bool => value.map(|value| Value::Bool(value == "true")),
+                };
             }
-        };
-        let text = |value: String| Some(Value::Text(value));
-        put(field::REQUEST_ID, &|| {
-            request.header("x-request-id").map(Value::Text)
-        });
-        put(field::ROUTE, &|| text(request.route_name()));
-        put(field::METHOD, &|| text(request.method()));
-        put(field::PATH, &|| text(request.path()));
-        put(field::QUERY, &|| request.query().map(Value::Text));
-        put(field::STATUS, &|| {
-            Some(Value::Number(decimal(response.status())))
-        });
-        put(field::DURATION_MS, &|| {
-            number(properties::get("wasmgate.duration_ms"))
-        });
-        put(field::UPSTREAM_MS, &|| {
-            number(properties::get("wasmgate.upstream_ms"))
-        });
-        put(field::CLIENT, &|| text(request.client_addr()));
-        put(field::SUBJECT, &|| {
-            properties::get("subject").map(Value::Text)
-        });
-        put(field::CONSUMER, &|| {
-            properties::get("consumer").map(Value::Text)
-        });
-        put(field::BYTES_IN, &|| {
-            number(
-                properties::get("wasmgate.bytes_in").or_else(|| request.header("content-length")),
-            )
-        });
-        put(field::BYTES_OUT, &|| {
-            number(properties::get("wasmgate.bytes_out"))
-        });
-        put(field::COMPLETED, &|| {
-            properties::get("wasmgate.completed").map(|done| Value::Bool(done == "true"))
-        });
+        }
+        // Without an upstream call, the request body's size is the client's word for it.
+        if self.wants(field::BYTES_IN) && entry.values[field::BYTES_IN].is_none() {
+            entry.values[field::BYTES_IN] = number(request.header("content-length"));
+        }
+        if self.wants(field::STATUS) {
+            entry.values[field::STATUS] = Some(Value::Number(decimal(response.status())));
+        }
         if self.wants(field::HEADERS) {
             entry.headers = self
                 .headers
