@@ -215,7 +215,7 @@ impl Runtime {
             .map_err(|err| format!("`{shown}` cannot be linked: {err:#}"))?;
         let pre = PluginWorldPre::new(pre).map_err(|err| {
             format!(
-                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.1): {err:#}"
+                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.x): {err:#}"
             )
         })?;
         Ok(LoadedPlugin {
