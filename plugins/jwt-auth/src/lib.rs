@@ -151,6 +151,95 @@ pub enum Refusal {
     InsufficientScope,
 }
 
+/// HS256 keys made ready once. An HMAC keyed with a secret has already hashed the secret's inner
+/// and outer pads: two of the six or seven SHA-256 blocks that verifying a typical token takes.
+/// jsonwebtoken's own verifier keys a new HMAC for every token; the crypto provider installed
+/// here hands out a copy of the one prepared for the key instead, and leaves every other
+/// algorithm (and any key not prepared) to jsonwebtoken's pure-Rust provider.
+mod keyed_hmac {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    use hmac::{Hmac, KeyInit, Mac};
+    use jsonwebtoken::crypto::{CryptoProvider, JwtVerifier, rust_crypto};
+    use jsonwebtoken::errors::Error;
+    use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+    use sha2::Sha256;
+
+    thread_local! {
+        /// Prepared HMACs by key bytes. A plugin instance is single-threaded, and has a few keys.
+        static KEYED: RefCell<Vec<(Vec<u8>, Hmac<Sha256>)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Prepares `key` for HS256, if it is an HMAC secret, and installs the provider that uses it.
+    pub fn prepare(key: &DecodingKey) {
+        static PROVIDER: OnceLock<CryptoProvider> = OnceLock::new();
+        let provider = PROVIDER.get_or_init(|| CryptoProvider {
+            verifier_factory: verifier,
+            ..rust_crypto::DEFAULT_PROVIDER.clone()
+        });
+        // Already installed by an earlier configuration of this instance: the same provider.
+        let _ = provider.install_default();
+        if key.family() != AlgorithmFamily::Hmac {
+            return;
+        }
+        let Ok(bytes) = key.try_get_as_bytes() else {
+            return;
+        };
+        let Ok(mac) = Hmac::<Sha256>::new_from_slice(bytes) else {
+            return;
+        };
+        KEYED.with(|keyed| {
+            let mut keyed = keyed.borrow_mut();
+            if !keyed.iter().any(|(known, _)| known == bytes) {
+                keyed.push((bytes.to_vec(), mac));
+            }
+        });
+    }
+
+    /// Whether this thread holds a prepared HMAC for `secret`.
+    #[cfg(test)]
+    pub fn is_prepared(secret: &[u8]) -> bool {
+        KEYED.with(|keyed| keyed.borrow().iter().any(|(known, _)| known == secret))
+    }
+
+    fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
+        if *alg == Algorithm::HS256
+            && key.family() == AlgorithmFamily::Hmac
+            && let Ok(bytes) = key.try_get_as_bytes()
+        {
+            let prepared = KEYED.with(|keyed| {
+                let keyed = keyed.borrow();
+                keyed
+                    .iter()
+                    .find(|(known, _)| known == bytes)
+                    .map(|(_, mac)| mac.clone())
+            });
+            if let Some(mac) = prepared {
+                return Ok(Box::new(Hs256(mac)));
+            }
+        }
+        (rust_crypto::DEFAULT_PROVIDER.verifier_factory)(alg, key)
+    }
+
+    struct Hs256(Hmac<Sha256>);
+
+    impl signature::Verifier<Vec<u8>> for Hs256 {
+        fn verify(&self, message: &[u8], tag: &Vec<u8>) -> Result<(), signature::Error> {
+            let mut mac = self.0.clone();
+            mac.update(message);
+            // Constant-time comparison.
+            mac.verify_slice(tag).map_err(signature::Error::from_source)
+        }
+    }
+
+    impl JwtVerifier for Hs256 {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::HS256
+        }
+    }
+}
+
 /// What a token signed with `alg` must satisfy under `config`.
 fn validation(config: &Config, alg: Algorithm) -> Validation {
     let mut validation = Validation::new(alg);
@@ -222,6 +311,7 @@ impl Verifier {
                     .or_else(|_| DecodingKey::from_ed_pem(pem))
             };
             let decoded = decoded.map_err(|err| format!("{}: not a usable key: {err}", at()))?;
+            keyed_hmac::prepare(&decoded);
             keys.push(Key {
                 kid: key.kid.clone(),
                 key: decoded,
@@ -236,6 +326,7 @@ impl Verifier {
             for (i, jwk) in set.keys.iter().enumerate() {
                 let key =
                     DecodingKey::from_jwk(jwk).map_err(|err| format!("jwks.keys[{i}]: {err}"))?;
+                keyed_hmac::prepare(&key);
                 keys.push(Key {
                     kid: jwk.common.key_id.clone(),
                     key,
@@ -594,6 +685,39 @@ mod tests {
         header.kid = Some("inline-2".into());
         let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
         assert_eq!(v.verify(&token), Err(Refusal::InvalidToken("unknown kid")));
+    }
+
+    #[test]
+    fn hs256_signatures_are_checked_with_the_prepared_key() {
+        let v = verifier(serde_json::json!({})).unwrap();
+        assert!(keyed_hmac::is_prepared(SECRET.as_bytes()));
+        let claims = serde_json::json!({ "exp": now() + 60 });
+        assert!(v.verify(&token(claims.clone())).is_ok());
+        let other =
+            jsonwebtoken::EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes").unwrap();
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &other,
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&forged),
+            Err(Refusal::InvalidToken("bad signature"))
+        );
+        // One signature character changed (not the last, whose low bits base64 may ignore).
+        let genuine = token(claims);
+        let at = genuine.rfind('.').unwrap() + 5;
+        let flipped = if genuine.as_bytes()[at] == b'A' {
+            "B"
+        } else {
+            "A"
+        };
+        let altered = format!("{}{flipped}{}", &genuine[..at], &genuine[at + 1..]);
+        assert_eq!(
+            v.verify(&altered),
+            Err(Refusal::InvalidToken("bad signature"))
+        );
     }
 
     #[test]
