@@ -15,9 +15,11 @@ the plugins built.
 
     python3 bench/instructions.py --chain policies --seconds 10 [--baseline OTHER_BINARY]
     python3 bench/instructions.py --seconds 6 --floor native-client   # bare path beside a floor
+    python3 bench/instructions.py --chain jwt --connections 1 --plugin-functions 20
 """
 
 import argparse
+import bisect
 import re
 import subprocess
 import sys
@@ -31,8 +33,9 @@ import profile as chains  # noqa: E402  (the chains profile.py knows)
 
 
 def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections, dir, label,
-            floor=None):
-    """Counts `binary` (a wasmgate, or with `floor` the hyper-floor binary in that mode)."""
+            floor=None, plugin_functions=0):
+    """Counts `binary` (a wasmgate, or with `floor` the hyper-floor binary in that mode); with
+    `plugin_functions`, also prints that many of the plugins' own functions, most costly first."""
     up_port = bench.free_port()
     upstream = bench.Target("upstream", ["nginx", "-c", str(bench.nginx_conf(
         dir, f"upstream-{label}", "", bench.UPSTREAM_HTTP.format(port=up_port)))], up_port)
@@ -53,7 +56,9 @@ def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections,
         *command], port, headers,
         # Valgrind cannot reserve the address space of the default instance slots (4 GiB and more
         # each); with 4, a chain of three plugins runs at one or two connections.
-        env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4"},
+        env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4",
+             # wasmtime writes /tmp/perf-PID.map, which names the compiled plugins' functions.
+             **({"WASMGATE_PERF_MAP": "1"} if plugin_functions else {})},
         log=f"{dir}/gateway-{label}.log")
     try:
         upstream.start(dir)
@@ -78,7 +83,37 @@ def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections,
     # The explicit dump holds the counted requests; the final one (at exit) holds the shutdown.
     index = -2 if len(counted) >= 2 else -1
     dump = [p for p, t in zip(dumps, totals) if t is not None][index]
+    if plugin_functions:
+        print_plugin_functions(dump, Path(f"/tmp/perf-{pid}.map"), requests, plugin_functions)
     return counted[index], block_copies(dump), requests
+
+
+def print_plugin_functions(dump, perf_map, requests, top):
+    """Callgrind sees compiled plugin code as unnamed addresses; wasmtime's perf map names them."""
+    if not perf_map.exists():
+        print(f"no {perf_map}: plugin functions not named")
+        return
+    symbols = []
+    for line in perf_map.read_text(errors="replace").splitlines():
+        start, size, name = line.split(" ", 2)
+        symbols.append((int(start, 16), int(size, 16), name))
+    symbols.sort()
+    starts = [start for start, _, _ in symbols]
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", str(dump)],
+                         capture_output=True, text=True).stdout
+    costs = {}
+    for line in out.splitlines():
+        match = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+\?\?\?:0x([0-9a-f]+) \[\?\?\?\]", line)
+        if not match:
+            continue
+        address = int(match.group(2), 16)
+        at = bisect.bisect_right(starts, address) - 1
+        if at >= 0 and address < symbols[at][0] + symbols[at][1]:
+            name = symbols[at][2]
+            costs[name] = costs.get(name, 0) + int(match.group(1).replace(",", ""))
+    print(f"plugin code: {sum(costs.values()) / requests:,.0f} instructions per request; the costliest:")
+    for name, cost in sorted(costs.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {cost / requests:9,.0f}  {name[:150]}")
 
 
 def block_copies(path):
@@ -118,6 +153,8 @@ def main():
     parser.add_argument("--baseline-plugins", default=None)
     parser.add_argument("--floor", choices=["hyper", "native-client", "raw"],
                         help="also count bench/hyper-floor in this mode (the bare path's floors)")
+    parser.add_argument("--plugin-functions", type=int, default=0, metavar="N",
+                        help="print the N costliest functions of the plugins' compiled code")
     args = parser.parse_args()
 
     chain, headers = chains.CHAINS[args.chain]
@@ -134,7 +171,8 @@ def main():
         floor = args.floor if label.endswith(" floor") else None
         instructions, copies, requests = measure(binary, plugins, chain, headers, args.isolation,
                                                  args.seconds, args.connections, dir,
-                                                 label.replace(" ", "-"), floor)
+                                                 label.replace(" ", "-"), floor,
+                                                 0 if floor else args.plugin_functions)
         results[label] = instructions / requests
         print(f"{label}: {results[label]:,.0f} instructions per request, of which "
               f"{copies / requests:,.0f} in memcpy/memset (chain {args.chain}, {requests} requests, "
