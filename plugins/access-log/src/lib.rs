@@ -167,12 +167,13 @@ impl AccessLog {
         self.fields & (1 << index) != 0
     }
 
-    /// Builds the JSON line, fields in [`FIELDS`] order, written straight into one buffer.
+    /// Builds the JSON line, fields in [`FIELDS`] order, written straight into one `String`.
     /// This runs for every request: fields are found by index, numbers are copied as the host
-    /// wrote them rather than parsed and formatted again.
+    /// wrote them rather than parsed and formatted again, and the line is never validated as
+    /// UTF-8 again (it is built from `str`s).
     pub fn render(&self, entry: &Entry) -> String {
-        let mut line = Vec::with_capacity(320);
-        line.push(b'{');
+        let mut line = String::with_capacity(320);
+        line.push('{');
         for (index, name) in FIELDS.iter().enumerate() {
             if !self.wants(index) {
                 continue;
@@ -187,67 +188,49 @@ impl AccessLog {
                 },
             };
             if line.len() > 1 {
-                line.push(b',');
+                line.push(',');
             }
             // Field names are plain ASCII words: no escaping needed.
-            line.push(b'"');
-            line.extend_from_slice(name.as_bytes());
-            line.extend_from_slice(b"\":");
-            // serde_json escapes quotes and control characters in every string written.
-            let written = match (index, value) {
+            line.push('"');
+            line.push_str(name);
+            line.push_str("\":");
+            match (index, value) {
                 (field::TIME, _) => {
-                    line.push(b'"');
+                    line.push('"');
                     write_rfc3339(&mut line, entry.time.0, entry.time.1);
-                    line.push(b'"');
-                    Ok(())
+                    line.push('"');
                 }
                 (field::HEADERS, _) => self.write_headers(&mut line, &entry.headers),
                 (field::QUERY, Some(Value::Text(query))) => {
-                    serde_json::to_writer(&mut line, &self.redact_query(query))
+                    json_string(&mut line, &self.redact_query(query));
                 }
-                (_, Some(Value::Text(text))) => serde_json::to_writer(&mut line, text),
-                (_, Some(Value::Number(number))) => {
-                    line.extend_from_slice(number.as_bytes());
-                    Ok(())
-                }
-                (_, Some(Value::Bool(true))) => {
-                    line.extend_from_slice(b"true");
-                    Ok(())
-                }
-                (_, Some(Value::Bool(false))) => {
-                    line.extend_from_slice(b"false");
-                    Ok(())
-                }
-                (_, None) => Ok(()),
-            };
-            debug_assert!(written.is_ok(), "writing to a Vec cannot fail");
+                (_, Some(Value::Text(text))) => json_string(&mut line, text),
+                (_, Some(Value::Number(number))) => line.push_str(number),
+                (_, Some(Value::Bool(true))) => line.push_str("true"),
+                (_, Some(Value::Bool(false))) => line.push_str("false"),
+                (_, None) => {}
+            }
         }
-        line.push(b'}');
-        // serde_json writes UTF-8, and the rest is ASCII.
-        String::from_utf8(line).unwrap_or_default()
+        line.push('}');
+        line
     }
 
-    fn write_headers(
-        &self,
-        line: &mut Vec<u8>,
-        headers: &[(String, String)],
-    ) -> Result<(), serde_json::Error> {
-        line.push(b'{');
+    fn write_headers(&self, line: &mut String, headers: &[(String, String)]) {
+        line.push('{');
         for (i, (name, value)) in headers.iter().enumerate() {
             if i > 0 {
-                line.push(b',');
+                line.push(',');
             }
-            serde_json::to_writer(&mut *line, name)?;
-            line.push(b':');
+            json_string(line, name);
+            line.push(':');
             let shown = if self.redacted(name) {
                 "[redacted]"
             } else {
                 value.as_str()
             };
-            serde_json::to_writer(&mut *line, shown)?;
+            json_string(line, shown);
         }
-        line.push(b'}');
-        Ok(())
+        line.push('}');
     }
 
     fn redacted(&self, header: &str) -> bool {
@@ -279,14 +262,14 @@ impl AccessLog {
 
 /// Formats a Unix time as RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(secs: u64, nanos: u32) -> String {
-    let mut text = Vec::with_capacity(24);
+    let mut text = String::with_capacity(24);
     write_rfc3339(&mut text, secs, nanos);
-    String::from_utf8(text).unwrap_or_default()
+    text
 }
 
 /// Writes a Unix time as RFC 3339 in UTC with milliseconds, without the formatting machinery
 /// (this runs for every request).
-fn write_rfc3339(out: &mut Vec<u8>, secs: u64, nanos: u32) {
+fn write_rfc3339(out: &mut String, secs: u64, nanos: u32) {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -312,23 +295,88 @@ fn write_rfc3339(out: &mut Vec<u8>, secs: u64, nanos: u32) {
     ];
     for (value, width, after) in parts {
         push_padded(out, value, width);
-        out.push(after);
+        out.push(char::from(after));
     }
 }
 
+/// "00" to "99", for writing two digits at a time.
+const PAIRS: &str = "0001020304050607080910111213141516171819\
+                     2021222324252627282930313233343536373839\
+                     4041424344454647484950515253545556575859\
+                     6061626364656667686970717273747576777879\
+                     8081828384858687888990919293949596979899";
+
 /// Writes `value` in decimal, zero-padded to `width` digits.
-fn push_padded(out: &mut Vec<u8>, mut value: u32, width: usize) {
-    let mut digits = [b'0'; 10];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
+fn push_padded(out: &mut String, value: u32, width: usize) {
+    let digits = if value == 0 {
+        1
+    } else {
+        value.ilog10() as usize + 1
+    };
+    for _ in digits..width {
+        out.push('0');
     }
-    out.extend_from_slice(&digits[start.min(digits.len() - width)..]);
+    let mut divisor = 10u32.pow((digits.max(1) - 1) as u32);
+    let mut rest = value;
+    let mut left = digits;
+    // An odd count starts with one digit; pairs follow.
+    if left % 2 == 1 {
+        out.push(char::from(b'0' + (rest / divisor) as u8));
+        rest %= divisor;
+        divisor /= 10;
+        left -= 1;
+    }
+    while left > 0 {
+        divisor /= 10;
+        let pair = (rest / divisor) as usize;
+        out.push_str(&PAIRS[pair * 2..pair * 2 + 2]);
+        rest %= divisor;
+        divisor /= 10;
+        left -= 2;
+    }
+}
+
+/// What each byte becomes in a JSON string: 0 for itself, else the letter of its escape (`u` for
+/// `\u00XX`). A table, so that the common byte costs one load and one test.
+const ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table[b'\n' as usize] = b'n';
+    table[b'\r' as usize] = b'r';
+    table[b'\t' as usize] = b't';
+    table
+};
+
+/// Writes `text` as a JSON string (RFC 8259 section 7): quotes, backslashes and control
+/// characters escaped, everything else as it is. Runs of plain characters are copied whole.
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (at, &byte) in text.as_bytes().iter().enumerate() {
+        let escape = ESCAPES[usize::from(byte)];
+        if escape == 0 {
+            continue;
+        }
+        // Every escaped byte is ASCII, so `at` is a character boundary.
+        out.push_str(&text[plain..at]);
+        out.push('\\');
+        out.push(char::from(escape));
+        if escape == b'u' {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        plain = at + 1;
+    }
+    out.push_str(&text[plain..]);
+    out.push('"');
 }
 
 /// A number the host or the client wrote as text, as a JSON number: leading zeros of a whole
@@ -382,9 +430,9 @@ fn is_json_number(text: &[u8]) -> bool {
 
 /// A small whole number in decimal, without the formatting machinery.
 fn decimal(value: u16) -> String {
-    let mut out = Vec::with_capacity(5);
+    let mut out = String::with_capacity(5);
     push_padded(&mut out, u32::from(value), 1);
-    String::from_utf8(out).unwrap_or_default()
+    out
 }
 
 impl Plugin for AccessLog {
@@ -520,6 +568,28 @@ mod tests {
         for (index, name) in indices {
             assert_eq!(FIELDS[index], name);
         }
+    }
+
+    #[test]
+    fn strings_are_written_as_json_reads_them_back() {
+        for text in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "lines\nand\r\ttabs",
+            "\u{0}\u{1}\u{1f} controls \u{7f} del",
+            "unicode: é, 中文, 🦀",
+            "\"\"\\\\",
+        ] {
+            let mut written = String::new();
+            json_string(&mut written, text);
+            assert!(!written.contains('\n'), "{written}");
+            let read: String = serde_json::from_str(&written).unwrap();
+            assert_eq!(read, text);
+        }
+        let mut written = String::new();
+        json_string(&mut written, "a\u{1}b");
+        assert_eq!(written, "\"a\\u0001b\"");
     }
 
     #[test]
