@@ -1141,8 +1141,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // `HOP_BY_HOP[0]` is `Connection`.
-    if present & 1 != 0 {
+    // `HOP_BY_HOP[0]` is `Connection`. Its usual values name no header of their own; most
+    // upstream responses carry `Connection: keep-alive`.
+    let usual = |value: &HeaderValue| {
+        let value = value.as_bytes();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    };
+    if present & 1 != 0 && !headers.get_all(CONNECTION).iter().all(usual) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
@@ -1231,5 +1236,15 @@ mod tests {
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
+
+        // A usual `Connection` field beside one that names a header: the named one still goes.
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.append(CONNECTION, HeaderValue::from_static("x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
     }
 }
