@@ -132,7 +132,7 @@ enum Kind {
 }
 
 /// The property each field is read from (all but `time`, `status` and `headers`).
-const SOURCES: [(usize, &str, Kind); 12] = [
+const SOURCES: [(usize, &str, Kind); 13] = [
     (field::REQUEST_ID, "wasmgate.request_id", Kind::Text),
     (field::ROUTE, "wasmgate.route", Kind::Text),
     (field::METHOD, "wasmgate.method", Kind::Text),
@@ -145,6 +145,7 @@ const SOURCES: [(usize, &str, Kind); 12] = [
     (field::CONSUMER, "consumer", Kind::Text),
     (field::BYTES_IN, "wasmgate.bytes_in", Kind::Number),
     (field::BYTES_OUT, "wasmgate.bytes_out", Kind::Number),
+    (field::COMPLETED, "wasmgate.completed", Kind::Bool),
 ];
 
 /// The plugin.
@@ -455,7 +456,6 @@ impl Plugin for AccessLog {
         };
         let wanted = SOURCES
             .iter()
-            .chain([(field::COMPLETED, "wasmgate.completed", Kind::Bool)].iter())
             .filter(|(index, _, _)| fields & (1 << index) != 0);
         let keys = wanted.clone().map(|(_, key, _)| key.to_string()).collect();
         let reads = wanted.map(|&(index, _, kind)| (index, kind)).collect();
