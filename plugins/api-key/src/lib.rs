@@ -170,9 +170,8 @@ impl Plugin for ApiKey {
             edits = request.remove_header(&self.header);
         }
         if let Some(header) = &self.forward_consumer {
-            edits = edits
-                .and_then(|()| request.remove_header(header))
-                .and_then(|()| request.set_header(header, consumer));
+            // Setting replaces every value a client sent, so none can pose as a consumer.
+            edits = edits.and_then(|()| request.set_header(header, consumer));
         }
         if edits.is_err() {
             return Action::Respond(ImmediateResponse::new(500));
