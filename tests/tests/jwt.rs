@@ -205,6 +205,25 @@ async fn valid_tokens_of_every_algorithm_pass_with_claims_forwarded() {
             "kept unless strip_authorization"
         );
     }
+
+    // A claim the token lacks: what the client sent under its header does not pass either.
+    let mut claims = good_claims();
+    claims.as_object_mut().unwrap().remove("scope");
+    let token = sign(
+        Algorithm::HS256,
+        Some("hs1"),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+        &claims,
+    );
+    let request = Request::get("/rs/orders")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-scope", "orders:admin")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(gateway.send(request).await.status, StatusCode::OK);
+    let seen = upstream.last();
+    assert!(!seen.headers.contains_key("x-scope"), "{:?}", seen.headers);
+    assert_eq!(seen.headers["x-user-id"], "alice");
 }
 
 #[tokio::test]

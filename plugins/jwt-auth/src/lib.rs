@@ -600,13 +600,12 @@ impl Plugin for JwtAuth {
             Err(refusal) => return Action::Respond(refuse(&refusal, realm)),
         };
         for (claim, header) in &config.forward_claims {
-            // Whatever the client sent under this name goes, whether or not the claim is there.
-            let forwarded = request.remove_header(header).and_then(|()| {
-                match claims.get(claim).and_then(header_value) {
-                    Some(value) => request.set_header(header, &value),
-                    None => Ok(()),
-                }
-            });
+            // Whatever the client sent under this name goes, whether or not the claim is there:
+            // setting replaces every value, and without the claim the header is removed.
+            let forwarded = match claims.get(claim).and_then(header_value) {
+                Some(value) => request.set_header(header, &value),
+                None => request.remove_header(header),
+            };
             if forwarded.is_err() {
                 return Action::Respond(ImmediateResponse::new(500));
             }
