@@ -16,13 +16,18 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The headers this module writes.
+/// The headers this module writes (`apply` refers to them by index in this order).
 static FORWARDING: [&HeaderName; 4] = [
     &X_FORWARDED_FOR,
     &X_FORWARDED_PROTO,
     &X_FORWARDED_HOST,
     &FORWARDED,
 ];
+// Their indices in `FORWARDING`.
+const XFF: usize = 0;
+const XFP: usize = 1;
+const XFH: usize = 2;
+const RFC_7239: usize = 3;
 
 /// The networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
@@ -121,27 +126,22 @@ pub fn apply(
         }
         present = 0;
     }
-    let carries = |name: &HeaderName| {
-        FORWARDING
-            .iter()
-            .position(|known| *known == name)
-            .is_some_and(|index| present & 1 << index != 0)
-    };
+    let carries = |index: usize| present & 1 << index != 0;
     // The host the client asked for: `Host`, or the authority of an HTTP/2 or absolute-form URI.
     let host = headers.get(HOST).cloned().or_else(|| {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    if carries(&X_FORWARDED_FOR) {
+    if carries(XFF) {
         append(headers, &X_FORWARDED_FOR, client.listed.as_bytes(), ", ");
     } else {
         headers.insert(X_FORWARDED_FOR.clone(), client.listed.clone());
     }
-    if !carries(&X_FORWARDED_PROTO) {
+    if !carries(XFP) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
-    if !carries(&X_FORWARDED_HOST)
+    if !carries(XFH)
         && let Some(host) = &host
     {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -166,7 +166,7 @@ pub fn apply(
     }
     element.push_str(";proto=");
     element.push_str(proto);
-    if carries(&FORWARDED) {
+    if carries(RFC_7239) {
         append(headers, &FORWARDED, element.as_bytes(), ", ");
     } else if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(element)) {
         headers.insert(FORWARDED, value);
