@@ -23,6 +23,7 @@ pub mod cli;
 pub mod forwarded;
 mod framing;
 pub mod h1;
+mod h1_server;
 mod listener;
 pub mod log_output;
 pub mod manifest;

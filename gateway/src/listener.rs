@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -30,9 +31,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::ResponseBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::forwarded::ClientAddr;
 use crate::framing::{FramingGuard, Tracker};
+use crate::h1_server;
 use crate::manifest::{HttpSpec, TlsSpec};
 use crate::proxy::Peer;
 use crate::server::Shared;
@@ -187,6 +189,16 @@ impl Settings {
     fn tracker(&self) -> Tracker {
         Tracker::new(self.http.max_headers as usize, self.head_buffer)
     }
+
+    /// The same limits, for wasmgate's own HTTP/1.1 server side.
+    fn limits(&self) -> h1_server::Limits {
+        h1_server::Limits {
+            max_headers: self.http.max_headers as usize,
+            max_head: self.head_buffer,
+            header_read_timeout: self.http.header_read_timeout,
+            idle_timeout: self.http.idle_timeout,
+        }
+    }
 }
 
 /// Accepts connections until `stop_accepting` turns true; returns their handle for the drain.
@@ -228,11 +240,10 @@ pub async fn accept_loop(
         match &tls {
             None => {
                 // Plain connections are HTTP/1 until the HTTP/2 preface says otherwise, which
-                // the guard recognises and steps aside for.
-                let tracker = connection.settings.tracker();
+                // wasmgate's own server side hands to hyper.
                 connections
                     .tracker
-                    .spawn(connection.serve(stream, tracker, false));
+                    .spawn(connection.serve(stream, false, false));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -242,12 +253,7 @@ pub async fn accept_loop(
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let tracker = if h2 {
-                                Tracker::off()
-                            } else {
-                                connection.settings.tracker()
-                            };
-                            connection.serve(stream, tracker, true).await;
+                            connection.serve(stream, true, h2).await;
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%client_addr, error = %err, "TLS handshake failed");
@@ -269,7 +275,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve<I>(self, io: I, tracker: Tracker, secure: bool)
+    /// Serves the connection: HTTP/1 first with wasmgate's own server side, then with hyper's
+    /// from the first request that needs it; HTTP/2 (`h2`, agreed by ALPN) with hyper's.
+    async fn serve<I>(self, mut io: I, secure: bool, h2: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -280,18 +288,35 @@ impl Connection {
             stop,
         } = self;
         let open = shared.services.metrics.connection();
+        let peer = Peer {
+            client: Arc::new(ClientAddr::new(client_addr)),
+            secure,
+        };
+        let (read, tracker) = if h2 {
+            (Bytes::new(), Tracker::off())
+        } else {
+            let own = h1_server::Connection {
+                shared: &shared,
+                peer: &peer,
+                limits: settings.limits(),
+                stop: &stop,
+            };
+            match own.serve(&mut io).await {
+                h1_server::Outcome::Closed => return,
+                // The guard follows from the start of the request handed over.
+                h1_server::Outcome::HandOff(read) => (read, settings.tracker()),
+            }
+        };
+        let io = h1_server::Rewind::new(read, io);
         let activity = Arc::new(Activity::new());
         let tracked = activity.clone();
-        let client = Arc::new(ClientAddr::new(client_addr));
         let service = service_fn(move |request: Request<Incoming>| {
             let snapshot = shared.snapshot.load_full();
             let busy = tracked.begin();
             let upgrade = wants_upgrade(&request);
             let is_connect = request.method() == Method::CONNECT;
-            let peer = Peer {
-                client: client.clone(),
-                secure,
-            };
+            let peer = peer.clone();
+            let request = request.map(RequestBody::Hyper);
             async move {
                 let mut response = crate::proxy::handle(snapshot, request, peer).await;
                 if upgrade && !upgraded(&response, is_connect) {

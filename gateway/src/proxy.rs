@@ -22,11 +22,10 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::body::{
-    BodyError, BoxError, OnEnd, ProxyBody, ResponseBody, Stream, UpstreamBody, full, streamed,
-    streamed_until,
+    BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, Stream, UpstreamBody, full,
+    streamed, streamed_until,
 };
 use crate::forwarded::ClientAddr;
 use crate::manifest::FailurePolicy;
@@ -50,7 +49,7 @@ pub struct Peer {
 /// Answers one client request with the given snapshot.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: Peer,
 ) -> Response<ResponseBody> {
     let ids = RequestIds {
@@ -83,7 +82,7 @@ impl RequestIds {
 
 async fn route_and_forward(
     snapshot: &Snapshot,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: Peer,
     ids: &RequestIds,
 ) -> Response<ResponseBody> {
@@ -127,7 +126,7 @@ async fn route_and_forward(
 async fn forward_routed(
     snapshot: &Snapshot,
     route: &Route,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: Peer,
     ids: &RequestIds,
     received: Instant,
@@ -181,7 +180,7 @@ async fn forward_routed(
 /// A routed request on its way into the chain.
 struct ClientRequest {
     exchange: Box<Exchange>,
-    body: Incoming,
+    body: RequestBody,
     upgrade: Option<Upgrade>,
     received: Instant,
 }
@@ -603,10 +602,15 @@ fn on_failure(
 /// Reads a whole request body for the plugins that asked for it, up to `max` bytes.
 async fn buffer_body(
     headers: &HeaderMap,
-    body: Incoming,
+    body: RequestBody,
     max: u64,
 ) -> Result<Bytes, Response<ProxyBody>> {
     let too_large = || gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    let body = match body {
+        RequestBody::Whole(bytes) if bytes.len() as u64 > max => return Err(too_large()),
+        RequestBody::Whole(bytes) => return Ok(bytes),
+        RequestBody::Hyper(incoming) => incoming,
+    };
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -671,7 +675,7 @@ impl OutgoingBody {
     /// default), so that wasmgate's own client can send it and a failed attempt can be made
     /// again; streamed otherwise. A body that cannot be read whole is answered here (400, 413).
     async fn read_client(
-        body: Incoming,
+        body: RequestBody,
         headers: &HeaderMap,
         counter: Option<Arc<AtomicU64>>,
         limit: u64,
@@ -688,10 +692,15 @@ impl OutgoingBody {
 
     /// The client's body: replayable when it is known to be empty, streamed otherwise, within
     /// `limit` bytes.
-    fn from_client(body: Incoming, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {
-        if http_body::Body::is_end_stream(&body) {
-            return OutgoingBody::Replayable(Bytes::new(), counter);
-        }
+    fn from_client(body: RequestBody, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {
+        let body = match body {
+            // Read whole already; at most `h1::MAX_BODY`, so `read_client` has checked `limit`.
+            RequestBody::Whole(bytes) => return OutgoingBody::Replayable(bytes, counter),
+            RequestBody::Hyper(incoming) if http_body::Body::is_end_stream(&incoming) => {
+                return OutgoingBody::Replayable(Bytes::new(), counter);
+            }
+            RequestBody::Hyper(incoming) => incoming,
+        };
         let body = match counter {
             Some(counter) => UpstreamBody::counted(streamed(body), counter),
             None => UpstreamBody::from(streamed(body)),
