@@ -587,3 +587,73 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_lower_case_hexadecimal() {
+        let mut space = [0u8; 16];
+        assert_eq!(hex(0, &mut space), b"0");
+        assert_eq!(hex(0x1f, &mut space), b"1f");
+        assert_eq!(hex(65536, &mut space), b"10000");
+        assert_eq!(hex(usize::MAX, &mut space), b"ffffffffffffffff");
+    }
+
+    #[test]
+    fn the_date_is_an_imf_fixdate() {
+        let text = date::with(|now| String::from_utf8(now.to_vec()).unwrap());
+        assert_eq!(text.len(), 29, "{text}");
+        assert!(text.ends_with(" GMT"), "{text}");
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+    }
+
+    #[test]
+    fn heads_it_does_not_serve_are_left_in_the_buffer() {
+        let limits = Limits {
+            max_headers: 100,
+            max_head: 1 << 16,
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+        };
+        for head in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            assert!(
+                matches!(parse(&mut buf, &limits), Parsed::Foreign),
+                "{head}"
+            );
+            assert_eq!(&buf[..], head.as_bytes(), "left whole: {head}");
+        }
+        let mut buf =
+            BytesMut::from("GET /a?b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nnext");
+        let Parsed::Head(head) = parse(&mut buf, &limits) else {
+            panic!("a plain GET is served");
+        };
+        assert!(head.close);
+        assert_eq!(head.request.uri(), "/a?b");
+        assert_eq!(head.request.headers()["host"], "x");
+        assert_eq!(&buf[..], b"next");
+    }
+
+    #[tokio::test]
+    async fn a_rewound_connection_reads_what_was_read_first() {
+        let (mut near, far) = tokio::io::duplex(64);
+        near.write_all(b" world").await.unwrap();
+        drop(near);
+        let mut rewound = Rewind::new(Bytes::from_static(b"hello"), far);
+        let mut text = String::new();
+        rewound.read_to_string(&mut text).await.unwrap();
+        assert_eq!(text, "hello world");
+    }
+}
