@@ -217,8 +217,45 @@ pub(crate) fn find_cause<'e, T: std::error::Error + 'static>(
     None
 }
 
-/// What to run once a body has ended: the bytes it sent, and whether it ended normally.
-pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
+/// What to do once a body has ended, given the bytes it sent and whether it ended normally: the
+/// work to run then (the completion phase).
+pub type OnEnd = Box<dyn FnOnce(u64, bool) -> AfterBody + Send>;
+
+/// Work to run once a response body has ended. wasmgate's own HTTP/1.1 server side runs it in
+/// the connection's task after the response is written ([`TrackedBody::keep_after_body`]), so
+/// that it costs no task of its own when it does not wait; otherwise it is spawned.
+pub struct AfterBody {
+    work: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Where to spawn it: a body may end, or be dropped, outside the runtime's context.
+    runtime: tokio::runtime::Handle,
+}
+
+impl AfterBody {
+    /// `work`, to be run on `runtime`.
+    pub fn new(
+        work: impl Future<Output = ()> + Send + 'static,
+        runtime: tokio::runtime::Handle,
+    ) -> AfterBody {
+        AfterBody {
+            work: Box::pin(work),
+            runtime,
+        }
+    }
+
+    /// Runs the work as a task of its own.
+    pub fn spawn(self) {
+        self.runtime.spawn(self.work);
+    }
+
+    /// Runs the work as far as it goes without waiting, and spawns the rest, if any.
+    pub fn run(mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.work.as_mut().poll(&mut cx).is_pending() {
+            // Polled again by its own task, which registers its own waker.
+            self.spawn();
+        }
+    }
+}
 
 /// A [`ProxyBody`] that counts the data bytes it sends and, when asked, adds them to a shared
 /// counter or runs a callback once it has ended (normally, with an error, or by being dropped
@@ -230,6 +267,10 @@ pub struct TrackedBody {
     limit: u64,
     counter: Option<Arc<AtomicU64>>,
     on_end: Option<OnEnd>,
+    /// Whether the work after the body is kept for [`TrackedBody::take_after_body`] rather than
+    /// spawned.
+    keep_after: bool,
+    after: Option<AfterBody>,
 }
 
 /// The body of a response to a client.
@@ -259,9 +300,28 @@ impl TrackedBody {
         self
     }
 
+    /// Keeps the work to run after the body for [`TrackedBody::take_after_body`], when the body
+    /// ends while it is polled, instead of spawning it.
+    pub fn keep_after_body(&mut self) {
+        self.keep_after = true;
+    }
+
+    /// The work to run now that the body has ended (polled to its end, or known to be at it).
+    pub fn take_after_body(&mut self) -> Option<AfterBody> {
+        if self.on_end.is_some() && self.inner.is_end_stream() {
+            self.end(true);
+        }
+        self.after.take()
+    }
+
     fn end(&mut self, completed: bool) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(self.sent, completed);
+            let after = on_end(self.sent, completed);
+            if self.keep_after {
+                self.after = Some(after);
+            } else {
+                after.spawn();
+            }
         }
     }
 }
@@ -274,6 +334,8 @@ impl From<ProxyBody> for TrackedBody {
             limit: u64::MAX,
             counter: None,
             on_end: None,
+            keep_after: false,
+            after: None,
         }
     }
 }
@@ -330,6 +392,11 @@ impl Drop for TrackedBody {
         // hyper may drop a body it knows is complete (`is_end_stream`) without polling it to
         // the end; anything else dropped early was cut short.
         let completed = http_body::Body::is_end_stream(&self.inner);
+        // Nobody is left to take the work: it runs as a task of its own.
+        self.keep_after = false;
         self.end(completed);
+        if let Some(after) = self.after.take() {
+            after.spawn();
+        }
     }
 }

@@ -75,15 +75,16 @@ const MAX_IDLE: usize = 256;
 /// do not contend for one lock.
 const SLOTS: usize = 8;
 
-/// A request as this client sends it.
-pub struct Request {
+/// A request as this client sends it. The headers may be borrowed: they are only written out,
+/// so a request that may be sent again (to another target) need not copy them.
+pub struct Request<'a> {
     /// The method.
     pub method: Method,
     /// The request target, origin form.
     pub path_and_query: PathAndQuery,
     /// The header fields; framing fields (`Content-Length`, `Transfer-Encoding`) are written by
     /// the client from the body.
-    pub headers: HeaderMap,
+    pub headers: std::borrow::Cow<'a, HeaderMap>,
     /// The whole body, at most [`MAX_BODY`] bytes.
     pub body: Bytes,
 }
@@ -177,7 +178,7 @@ impl Pool {
     /// `connect_timeout` bounds making a new connection; the caller bounds the whole wait.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request,
+        request: Request<'_>,
         connect_timeout: Duration,
     ) -> Result<Response<Body>, Error> {
         let head_only = request.method == Method::HEAD;
@@ -202,8 +203,8 @@ impl Pool {
     }
 
     /// The request line, header fields and body as one buffer.
-    fn encode(&self, request: &Request) -> Vec<u8> {
-        let headers = &request.headers;
+    fn encode(&self, request: &Request<'_>) -> Vec<u8> {
+        let headers = &*request.headers;
         let mut out = Vec::with_capacity(256 + headers.len() * 32 + request.body.len());
         out.extend_from_slice(request.method.as_str().as_bytes());
         out.push(b' ');

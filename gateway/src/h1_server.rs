@@ -374,6 +374,7 @@ where
 
     let mut sent = 0u64;
     let mut failed = false;
+    body.keep_after_body();
     if !body.is_end_stream() {
         loop {
             // What the body has ready is gathered with the head; before waiting for more,
@@ -448,7 +449,13 @@ where
     if framing == Framing::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    write(io, out).await.is_ok() && keep_alive
+    let written = write(io, out).await.is_ok();
+    // The completion phase, once the client has the whole response: in this task as far as it
+    // goes without waiting (usually all the way), rather than as a task of its own.
+    if let Some(after) = body.take_after_body() {
+        after.run();
+    }
+    written && keep_alive
 }
 
 /// Writes and empties `out`.

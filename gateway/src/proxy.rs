@@ -24,8 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::{BodyExt, Limited};
 
 use crate::body::{
-    BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, Stream, UpstreamBody, full,
-    streamed, streamed_until,
+    AfterBody, BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, Stream,
+    UpstreamBody, full, streamed, streamed_until,
 };
 use crate::forwarded::ClientAddr;
 use crate::manifest::FailurePolicy;
@@ -385,7 +385,7 @@ async fn run_chain(
             sent,
         };
         let completion = complete(route_name, exchange, completing, bytes, completed);
-        runtime.spawn(background.track_future(completion));
+        AfterBody::new(background.track_future(completion), runtime)
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
 }
@@ -759,30 +759,32 @@ impl Outgoing {
         self.method.is_idempotent() && matches!(self.body, OutgoingBody::Replayable(..))
     }
 
-    /// The request for one attempt through wasmgate's own client, when the body is one it
-    /// takes: known whole and at most [`crate::h1::MAX_BODY`] bytes. `last` as for
-    /// [`Outgoing::attempt`].
-    fn native_attempt(&mut self, last: bool) -> Option<crate::h1::Request> {
-        let OutgoingBody::Replayable(body, counter) = &self.body else {
-            return None;
+    /// Whether wasmgate's own client takes the body: known whole and at most
+    /// [`crate::h1::MAX_BODY`] bytes.
+    fn native_body(&self) -> bool {
+        matches!(&self.body, OutgoingBody::Replayable(body, _) if body.len() <= crate::h1::MAX_BODY)
+    }
+
+    /// The request for one attempt through wasmgate's own client, for a body it takes
+    /// ([`Outgoing::native_body`]). The headers are borrowed: the client only writes them out,
+    /// so an attempt that may be followed by another costs no copy.
+    fn native_attempt(&self) -> crate::h1::Request<'_> {
+        let body = match &self.body {
+            OutgoingBody::Replayable(body, counter) => {
+                // The whole body is written before the answer is read.
+                if let Some(counter) = counter {
+                    counter.store(body.len() as u64, Ordering::Relaxed);
+                }
+                body.clone()
+            }
+            OutgoingBody::Streamed(_) => unreachable!("checked by `native_body`"),
         };
-        if body.len() > crate::h1::MAX_BODY {
-            return None;
-        }
-        // The whole body is written before the answer is read.
-        if let Some(counter) = counter {
-            counter.store(body.len() as u64, Ordering::Relaxed);
-        }
-        Some(crate::h1::Request {
+        crate::h1::Request {
             method: self.method.clone(),
             path_and_query: self.path_and_query.clone(),
-            headers: if last {
-                std::mem::take(&mut self.headers)
-            } else {
-                self.headers.clone()
-            },
-            body: body.clone(),
-        })
+            headers: std::borrow::Cow::Borrowed(&self.headers),
+            body,
+        }
     }
 
     /// The request for one attempt on `target`; `None` when the body cannot be sent again.
@@ -815,17 +817,18 @@ impl Outgoing {
 }
 
 /// One attempt's request, for the client that sends it.
-enum Attempt {
+enum Attempt<'a> {
     /// Through wasmgate's own HTTP/1.1 client.
-    Native(crate::h1::Request),
+    Native(crate::h1::Request<'a>),
     /// Through hyper's client.
     Hyper(Request<UpstreamBody>),
 }
 
-impl Attempt {
+impl Attempt<'_> {
+    /// The headers to edit for this attempt alone (a native attempt copies them first).
     fn headers_mut(&mut self) -> &mut HeaderMap {
         match self {
-            Attempt::Native(request) => &mut request.headers,
+            Attempt::Native(request) => request.headers.to_mut(),
             Attempt::Hyper(request) => request.headers_mut(),
         }
     }
@@ -906,19 +909,15 @@ async fn forward(
         let last = attempt + 1 == attempts;
         // The common case, a request with a small whole body (or none) to a plain HTTP/1.1
         // target, goes through wasmgate's own client; everything else through hyper's.
-        let native = if upgrade.is_none() && upstream.speaks_plain_http1(target) {
-            outgoing.native_attempt(last)
+        let native =
+            upgrade.is_none() && upstream.speaks_plain_http1(target) && outgoing.native_body();
+        let mut request = if native {
+            Attempt::Native(outgoing.native_attempt())
         } else {
-            None
-        };
-        let mut request = match native {
-            Some(request) => Attempt::Native(request),
-            None => {
-                let Some(request) = outgoing.attempt(target, upstream.version, last) else {
-                    break;
-                };
-                Attempt::Hyper(request)
-            }
+            let Some(request) = outgoing.attempt(target, upstream.version, last) else {
+                break;
+            };
+            Attempt::Hyper(request)
         };
         if let Some(upgrade) = &upgrade {
             let headers = request.headers_mut();
@@ -926,9 +925,14 @@ async fn forward(
             headers.insert(UPGRADE, upgrade.protocol.clone());
         }
         let authority = target.authority.as_str();
-        let mut span = ids
-            .trace
-            .upstream_call(&upstream.name, authority, request.headers_mut());
+        // Only an exported trace adds a header (`traceparent`), so only then are the headers
+        // asked for by `&mut` (a native attempt would copy them).
+        let mut span = if ids.trace.is_exported() {
+            ids.trace
+                .upstream_call(&upstream.name, authority, request.headers_mut())
+        } else {
+            None
+        };
         let head_wait = match deadline {
             Some(deadline) => route
                 .timeout

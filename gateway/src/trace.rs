@@ -250,6 +250,12 @@ impl RequestTrace {
         Some(ChildSpan(span))
     }
 
+    /// Whether this request's spans are exported: only then does an upstream call change its
+    /// headers.
+    pub fn is_exported(&self) -> bool {
+        self.exported.is_some()
+    }
+
     /// Starts the upstream call's span and sets the `traceparent` the upstream receives: ours
     /// when exporting, the client's unchanged otherwise (it was forwarded with the headers).
     pub fn upstream_call(
