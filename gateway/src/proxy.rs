@@ -817,6 +817,10 @@ impl Outgoing {
 }
 
 /// One attempt's request, for the client that sends it.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per attempt, on the stack; boxing hyper's would allocate per attempt"
+)]
 enum Attempt<'a> {
     /// Through wasmgate's own HTTP/1.1 client.
     Native(crate::h1::Request<'a>),
