@@ -483,7 +483,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             }
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the fields the gateway adds (`x-request-id`), so the map does not grow.
+        let mut headers = HeaderMap::with_capacity(count + 2);
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
             let (name_start, name_end) = (name_start as usize, name_end as usize);
             let (value_start, value_end) = (value_start as usize, value_end as usize);

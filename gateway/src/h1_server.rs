@@ -270,7 +270,9 @@ fn build(
     spans: &[(u32, u32, u32, u32)],
 ) -> Option<Request<RequestBody>> {
     let uri = Uri::from_maybe_shared(head.slice(path_start as usize..path_end as usize)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the fields the gateway adds (`x-request-id`, the forwarding fields), so the map
+    // does not grow on the way.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
     for &(name_start, name_end, value_start, value_end) in spans {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).ok()?;
         let value =

@@ -14,6 +14,7 @@
 //! errors (502, 504) also pass through the response phase, so a logging plugin sees every
 //! outcome.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -153,7 +154,13 @@ async fn forward_routed(
             Ok(body) => body,
             Err(refusal) => return refusal.map(Into::into),
         };
-        let outgoing = Outgoing::new(route, &parts.method, &parts.uri, parts.headers, body);
+        let outgoing = Outgoing::new(
+            route,
+            &parts.method,
+            &parts.uri,
+            Cow::Owned(parts.headers),
+            body,
+        );
         return forward(route, outgoing, upgrade, ids).await.map(Into::into);
     }
     let mut exchange = Exchange::new(
@@ -291,10 +298,12 @@ async fn run_chain(
             match upstream_body {
                 Ok(upstream_body) => {
                     let head = &exchange.request;
-                    let mut headers = head.headers.clone();
+                    // Borrowed: the response phase reads the request as the plugins left it,
+                    // and wasmgate's own client only writes the headers out.
+                    let mut headers = Cow::Borrowed(&head.headers);
                     if exchange.body.is_some() {
                         // A plugin may have replaced the body: the client frames the one sent.
-                        headers.remove(CONTENT_LENGTH);
+                        headers.to_mut().remove(CONTENT_LENGTH);
                     }
                     let outgoing =
                         Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
@@ -653,10 +662,10 @@ fn strip_port(host: &str) -> &str {
 
 /// A request as it will be sent upstream, kept so that a failed attempt can be made again on
 /// another target.
-struct Outgoing {
+struct Outgoing<'h> {
     method: http::Method,
     path_and_query: http::uri::PathAndQuery,
-    headers: HeaderMap,
+    headers: Cow<'h, HeaderMap>,
     body: OutgoingBody,
 }
 
@@ -723,17 +732,17 @@ impl OutgoingBody {
     }
 }
 
-impl Outgoing {
-    /// The request as routed and as plugins left it. `headers` are taken by value: the fast path
-    /// (no plugins) moves the client's headers in, while a chain keeps its request for the
-    /// response phase and passes a copy.
+impl<'h> Outgoing<'h> {
+    /// The request as routed and as plugins left it. The fast path (no plugins) moves the
+    /// client's headers in; a chain keeps its request for the response phase and lends them,
+    /// copied only for an attempt through hyper's client, which takes them by value.
     fn new(
         route: &Route,
         method: &http::Method,
         client_uri: &Uri,
-        headers: HeaderMap,
+        headers: Cow<'h, HeaderMap>,
         body: OutgoingBody,
-    ) -> Outgoing {
+    ) -> Outgoing<'h> {
         let path = forwarded_path(route.strip_prefix.as_deref(), client_uri.path());
         let path_and_query = match client_uri.path_and_query() {
             // Nothing stripped: the client's path and query (normalised already), shared rather
@@ -782,7 +791,7 @@ impl Outgoing {
         crate::h1::Request {
             method: self.method.clone(),
             path_and_query: self.path_and_query.clone(),
-            headers: std::borrow::Cow::Borrowed(&self.headers),
+            headers: Cow::Borrowed(&*self.headers),
             body,
         }
     }
@@ -808,9 +817,9 @@ impl Outgoing {
         // Upstream connections use the upstream's version whatever the client spoke.
         *request.version_mut() = version;
         *request.headers_mut() = if last {
-            std::mem::take(&mut self.headers)
+            std::mem::take(&mut self.headers).into_owned()
         } else {
-            self.headers.clone()
+            self.headers.clone().into_owned()
         };
         Some(request)
     }
@@ -887,7 +896,7 @@ enum AttemptFailure {
 /// failures: no target in rotation 503, refused or reset 502, timed out 504.
 async fn forward(
     route: &Route,
-    mut outgoing: Outgoing,
+    mut outgoing: Outgoing<'_>,
     mut upgrade: Option<Upgrade>,
     ids: &RequestIds,
 ) -> Response<ProxyBody> {

@@ -69,7 +69,7 @@ impl Exchange {
             request,
             body: None,
             response: None,
-            properties: Properties::default(),
+            properties: Properties::with_capacity(8),
             client,
             route,
             request_id,
@@ -92,6 +92,15 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// Room for `capacity` properties: a chain's request usually gets half a dozen (the
+    /// gateway's timings and byte counts, a plugin's own), which would otherwise grow the list
+    /// twice.
+    pub fn with_capacity(capacity: usize) -> Properties {
+        Properties {
+            entries: Vec::with_capacity(capacity),
+        }
+    }
+
     /// The value of a property, if set.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.entries
