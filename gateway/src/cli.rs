@@ -167,6 +167,9 @@ fn init_logs(format: LogFormat) {
                     .with_filter(filter_fn(from_plugin))
             }))
             .with((!ansi).then(|| {
+                // The host writes these lines itself (`log_output::plugin_line`), in this
+                // layer's format; the layer stays for events emitted otherwise.
+                crate::log_output::write_plugin_lines_directly();
                 fmt::layer()
                     .with_writer(LogOutput)
                     .event_format(PluginLines)

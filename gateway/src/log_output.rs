@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -189,18 +190,8 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        LogTime.format_time(&mut w)?;
         let metadata = event.metadata();
-        let level = match *metadata.level() {
-            Level::TRACE => " TRACE ",
-            Level::DEBUG => " DEBUG ",
-            Level::INFO => "  INFO ",
-            Level::WARN => "  WARN ",
-            Level::ERROR => " ERROR ",
-        };
-        w.write_str(level)?;
-        w.write_str(metadata.target())?;
-        w.write_str(": ")?;
+        line_start(&mut w, *metadata.level(), metadata.target())?;
         let mut fields = PlainFields {
             w: &mut w,
             result: Ok(()),
@@ -210,6 +201,106 @@ where
         fields.result?;
         w.write_char('\n')
     }
+}
+
+/// The time, level and target that start a line, as the `Full` format writes them.
+fn line_start(w: &mut Writer<'_>, level: Level, target: &str) -> std::fmt::Result {
+    LogTime.format_time(w)?;
+    let level = match level {
+        Level::TRACE => " TRACE ",
+        Level::DEBUG => " DEBUG ",
+        Level::INFO => "  INFO ",
+        Level::WARN => "  WARN ",
+        Level::ERROR => " ERROR ",
+    };
+    w.write_str(level)?;
+    w.write_str(target)?;
+    w.write_str(": ")
+}
+
+/// A string field's value as `Debug` writes it: quoted, escaped only where it needs escaping.
+fn quoted(w: &mut Writer<'_>, value: &str) -> std::fmt::Result {
+    let plain = value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
+    if plain {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
+    }
+}
+
+/// Whether plugin lines are written by [`plugin_line`] rather than through `tracing`: set by
+/// the binary for the plain text format ([`write_plugin_lines_directly`]).
+static DIRECT: AtomicBool = AtomicBool::new(false);
+
+/// Has [`plugin_line`] write plugin lines itself, as [`PluginLines`] would format them. For the
+/// plain text format only, which the caller has installed `PluginLines` for.
+pub fn write_plugin_lines_directly() {
+    DIRECT.store(true, Ordering::Relaxed);
+}
+
+/// The fields of a plugin's log line, as the host passes them to `tracing`.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginLine<'a> {
+    /// The message, escaped already.
+    pub message: &'a str,
+    /// The plugin's name.
+    pub plugin: &'a str,
+    /// The route's name.
+    pub route: &'a str,
+    /// The request id.
+    pub request_id: &'a str,
+    /// The trace id, empty without one.
+    pub trace_id: &'a str,
+}
+
+thread_local! {
+    /// A line being formatted, kept between lines for its capacity.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Writes a plugin's log line, if plugin lines are written directly and `enabled` (the filter's
+/// verdict for the line's level): the text [`PluginLines`] writes for the same event, without
+/// tracing's dispatch through the subscriber's layers and filters, which cost more than the
+/// line itself (docs/performance.md, session 9). Returns `false` when the caller is to emit the
+/// event through `tracing` instead.
+pub fn plugin_line(level: Level, enabled: impl FnOnce() -> bool, line: PluginLine<'_>) -> bool {
+    if !DIRECT.load(Ordering::Relaxed) {
+        return false;
+    }
+    if !enabled() {
+        return true;
+    }
+    let written = LINE.try_with(|text| {
+        let Ok(mut text) = text.try_borrow_mut() else {
+            return false;
+        };
+        text.clear();
+        let mut w = Writer::new(&mut *text);
+        let formatted = format_plugin_line(&mut w, level, line);
+        formatted.is_ok() && LogOutput.write_all(text.as_bytes()).is_ok()
+    });
+    // Formatting cannot fail into a `String`; on a thread being torn down the line goes through
+    // `tracing` instead.
+    written == Ok(true)
+}
+
+fn format_plugin_line(w: &mut Writer<'_>, level: Level, line: PluginLine<'_>) -> std::fmt::Result {
+    line_start(w, level, crate::runtime::PLUGIN_LOG_TARGET)?;
+    w.write_str(line.message)?;
+    for (name, value) in [
+        (" plugin=", line.plugin),
+        (" route=", line.route),
+        (" request_id=", line.request_id),
+        (" trace_id=", line.trace_id),
+    ] {
+        w.write_str(name)?;
+        quoted(w, value)?;
+    }
+    w.write_char('\n')
 }
 
 /// Writes an event's fields as the `Full` format does: the message bare, then ` name=value`.
@@ -241,17 +332,7 @@ impl Visit for PlainFields<'_, '_> {
             if field.name() == "message" {
                 return self.w.write_str(value);
             }
-            // What `Debug` writes for a string that needs no escape; the others go through it.
-            let plain = value
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
-            if plain {
-                self.w.write_char('"')?;
-                self.w.write_str(value)?;
-                self.w.write_char('"')
-            } else {
-                write!(self.w, "{value:?}")
-            }
+            quoted(self.w, value)
         });
     }
 
@@ -363,6 +444,66 @@ mod tests {
         let expected = lines_with(general, emit);
         assert_eq!(expected.len(), 4);
         assert_eq!(lines_with(PluginLines, emit), expected);
+    }
+
+    #[test]
+    fn direct_plugin_lines_are_the_text_plugin_lines_writes() {
+        let lines = [
+            (
+                Level::INFO,
+                r#"{"status":200,"path":"/a b"}"#,
+                "access-log",
+                "r0",
+                "",
+            ),
+            (
+                Level::WARN,
+                "careful",
+                "say \"hi\"\\ caf\u{e9}",
+                "r0",
+                "0af7651916cd43dd8448eb211c80319c",
+            ),
+            (Level::TRACE, "t", "p", "", ""),
+            (Level::ERROR, "", "p", "r0", ""),
+        ];
+        let request_id = "3c0a669695d2286ac336b508bc5dc990";
+        let emit = || {
+            for (level, message, plugin, route, trace_id) in lines {
+                match level {
+                    Level::INFO => {
+                        tracing::info!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "{message}")
+                    }
+                    Level::WARN => {
+                        tracing::warn!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "{message}")
+                    }
+                    Level::TRACE => {
+                        tracing::trace!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "{message}")
+                    }
+                    _ => {
+                        tracing::error!(target: "wasmgate::plugin", plugin, route, request_id, trace_id, "{message}")
+                    }
+                }
+            }
+        };
+        let expected = lines_with(PluginLines, emit);
+        assert_eq!(expected.len(), lines.len());
+        let direct: Vec<String> = lines
+            .iter()
+            .map(|&(level, message, plugin, route, trace_id)| {
+                let mut text = String::new();
+                let line = PluginLine {
+                    message,
+                    plugin,
+                    route,
+                    request_id,
+                    trace_id,
+                };
+                format_plugin_line(&mut Writer::new(&mut text), level, line).unwrap();
+                assert!(text.ends_with('\n'), "{text}");
+                text.trim_end_matches('\n')[27..].to_owned()
+            })
+            .collect();
+        assert_eq!(direct, expected);
     }
 
     fn buffered_len() -> Option<usize> {

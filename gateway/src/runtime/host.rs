@@ -411,6 +411,45 @@ impl log::Host for PluginState {
         };
         // Control characters are escaped, so a plugin cannot forge log lines.
         let message = escape_controls(&message);
+        let line = crate::log_output::PluginLine {
+            message: &message,
+            plugin,
+            route,
+            request_id,
+            trace_id,
+        };
+        // The plain text format writes the line itself; `enabled!` asks the same filters the
+        // event would.
+        let written = match level {
+            LogLevel::Trace => crate::log_output::plugin_line(
+                tracing::Level::TRACE,
+                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::TRACE),
+                line,
+            ),
+            LogLevel::Debug => crate::log_output::plugin_line(
+                tracing::Level::DEBUG,
+                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::DEBUG),
+                line,
+            ),
+            LogLevel::Info => crate::log_output::plugin_line(
+                tracing::Level::INFO,
+                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::INFO),
+                line,
+            ),
+            LogLevel::Warn => crate::log_output::plugin_line(
+                tracing::Level::WARN,
+                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::WARN),
+                line,
+            ),
+            LogLevel::Error => crate::log_output::plugin_line(
+                tracing::Level::ERROR,
+                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::ERROR),
+                line,
+            ),
+        };
+        if written {
+            return Ok(());
+        }
         match level {
             LogLevel::Trace => {
                 tracing::trace!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
