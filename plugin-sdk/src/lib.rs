@@ -400,6 +400,41 @@ pub mod properties {
         decode_many(&wit::properties::get_many(keys), keys.len())
     }
 
+    /// Property keys read together for every request (a logger's): the first [`KeyList::get`]
+    /// leaves the list with the gateway (`properties.prepare`, contract 0.2.2), and every read
+    /// after it names the list by a number, so that the keys are not handed out of the sandbox
+    /// for every request. Build it once, with the plugin (at configuration); the first read
+    /// happens in a phase, so constructing it needs no gateway (a plugin's unit tests can).
+    #[derive(Debug)]
+    pub struct KeyList {
+        keys: Vec<String>,
+        handle: std::sync::OnceLock<u32>,
+    }
+
+    impl KeyList {
+        /// The list; at most 64 keys (more stops the plugin at the first read).
+        pub fn new(keys: Vec<String>) -> KeyList {
+            KeyList {
+                keys,
+                handle: std::sync::OnceLock::new(),
+            }
+        }
+
+        /// The keys, in order.
+        pub fn keys(&self) -> &[String] {
+            &self.keys
+        }
+
+        /// The keys' values, in order, as [`get_many`] reads them, in one call out of the
+        /// sandbox (two the first time).
+        pub fn get(&self) -> Vec<Option<String>> {
+            let handle = *self
+                .handle
+                .get_or_init(|| wit::properties::prepare(&self.keys));
+            decode_many(&wit::properties::get_prepared(handle), self.keys.len())
+        }
+    }
+
     /// The values in the buffer `get-many` returns (the contract says how it is laid out); a
     /// value cut short or not UTF-8 reads as absent.
     pub(crate) fn decode_many(mut buffer: &[u8], count: usize) -> Vec<Option<String>> {

@@ -285,6 +285,21 @@ async fn properties_and_the_requests_own_fields_read_in_one_call() {
         too_many.join(", ")
     );
     let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    // A prepared key list (contract 0.2.2) reads what `get-many` reads, for this request: the
+    // list is kept by the instance, which serves the requests after the first.
+    let mut request_ids = Vec::new();
+    for _ in 0..3 {
+        let response = gateway.get("x.test", "/fields/again").await;
+        assert_eq!(response.status, StatusCode::OK);
+        let seen = upstream.last();
+        let prepared = seen.headers["x-prepared"].to_str().unwrap();
+        assert_eq!(prepared, seen.headers["x-many"].to_str().unwrap());
+        let request_id = seen.headers["x-request-id"].to_str().unwrap();
+        assert!(prepared.contains(request_id), "{prepared}");
+        request_ids.push(request_id.to_string());
+    }
+    request_ids.dedup();
+    assert_eq!(request_ids.len(), 3);
     let response = gateway.get("x.test", "/fields/x?y=1").await;
     assert_eq!(response.status, StatusCode::OK);
     let seen = upstream.last();
@@ -298,7 +313,8 @@ async fn properties_and_the_requests_own_fields_read_in_one_call() {
     assert_eq!(values[6], request_id);
     assert_eq!(values[7], "<unset>");
 
-    // Past the cap of 64 keys the plugin is stopped, and its request goes no further.
+    // Past the cap of 64 keys (here at `prepare`, the first read) the plugin is stopped, and its
+    // request goes no further.
     let before = upstream.seen().len();
     let refused = gateway.get("x.test", "/greedy").await;
     assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);

@@ -17,6 +17,27 @@ use super::exchange::{Exchange, Phase, checked_header, checked_name};
 
 /// Most properties one request may carry, and the longest key and value.
 const MAX_PROPERTIES: usize = 64;
+
+/// Most prepared key lists (`properties.prepare`) one instance keeps.
+const MAX_PREPARED: usize = 16;
+
+/// The values of `keys` in one buffer, as `properties.get-many` lays them out: per key `0`, or `1`,
+/// the value's length as four bytes little-endian, and its UTF-8 bytes.
+fn values_of(exchange: &Exchange, keys: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.len() * 24);
+    for key in keys {
+        match property(exchange, key) {
+            None => out.push(0),
+            Some(value) => {
+                // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
+                out.push(1);
+                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                out.extend_from_slice(value.as_bytes());
+            }
+        }
+    }
+    out
+}
 const MAX_PROPERTY_KEY: usize = 256;
 const MAX_PROPERTY_VALUE: usize = 16 << 10;
 /// How many host calls pass between two deadline checks in host calls.
@@ -340,20 +361,37 @@ impl properties::Host for PluginState {
             );
             return Err(self.fail(FailureKind::Cap, detail));
         }
-        let exchange = self.exchange()?;
-        let mut out = Vec::with_capacity(keys.len() * 24);
-        for key in &keys {
-            match property(exchange, key) {
-                None => out.push(0),
-                Some(value) => {
-                    // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
-                    out.push(1);
-                    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                    out.extend_from_slice(value.as_bytes());
-                }
-            }
+        Ok(values_of(self.exchange()?, &keys))
+    }
+
+    fn prepare(&mut self, keys: Vec<String>) -> Result<u32> {
+        self.enter()?;
+        if keys.len() > MAX_PROPERTIES {
+            let detail = format!(
+                "properties.prepare was given {} keys, more than the {MAX_PROPERTIES} allowed",
+                keys.len()
+            );
+            return Err(self.fail(FailureKind::Cap, detail));
         }
-        Ok(out)
+        if self.prepared.len() >= MAX_PREPARED {
+            let detail = format!("more than {MAX_PREPARED} prepared key lists in one instance");
+            return Err(self.fail(FailureKind::Cap, detail));
+        }
+        self.prepared.push(keys.into_boxed_slice());
+        Ok((self.prepared.len() - 1) as u32)
+    }
+
+    fn get_prepared(&mut self, keys: u32) -> Result<Vec<u8>> {
+        if keys as usize >= self.prepared.len() {
+            self.enter()?;
+            let detail = format!("properties.get-prepared was given {keys}, not a handle of its");
+            return Err(self.fail(FailureKind::Contract, detail));
+        }
+        // Taken out for the call, so that the exchange can be borrowed beside it.
+        let list = std::mem::take(&mut self.prepared[keys as usize]);
+        let out = self.exchange().map(|exchange| values_of(exchange, &list));
+        self.prepared[keys as usize] = list;
+        out
     }
 
     fn set(&mut self, key: String, value: String) -> Result<Result<(), String>> {

@@ -360,6 +360,7 @@ impl LoadedPlugin {
             running_since: Instant::now(),
             resumed_at: None,
             failure: None,
+            prepared: Vec::new(),
             limiter: Limiter {
                 memory: self.budget.memory as usize,
                 breached: false,
@@ -865,6 +866,8 @@ pub struct PluginState {
     resumed_at: Option<Arc<AtomicU64>>,
     /// A breach recorded by a host call, which then traps.
     failure: Option<(FailureKind, String)>,
+    /// Key lists the plugin prepared (`properties.prepare`), by handle, for the instance's life.
+    prepared: Vec<Box<[String]>>,
     limiter: Limiter,
     wasi: WasiCtx,
     table: ResourceTable,

@@ -153,9 +153,9 @@ pub struct AccessLog {
     /// The fields to write, one bit per index into [`FIELDS`].
     fields: u32,
     /// The properties the wanted fields are read from, asked for in one call per request (a
-    /// call out of the sandbox costs about as much as rendering a field), and what each
-    /// becomes.
-    keys: Vec<String>,
+    /// call out of the sandbox costs about as much as rendering a field) by a list the gateway
+    /// keeps (the keys cross out of the sandbox once), and what each becomes.
+    keys: properties::KeyList,
     reads: Vec<(usize, Kind)>,
     headers: Vec<String>,
     /// Lower-cased.
@@ -457,7 +457,8 @@ impl Plugin for AccessLog {
         let wanted = SOURCES
             .iter()
             .filter(|(index, _, _)| fields & (1 << index) != 0);
-        let keys = wanted.clone().map(|(_, key, _)| key.to_string()).collect();
+        let keys =
+            properties::KeyList::new(wanted.clone().map(|(_, key, _)| key.to_string()).collect());
         let reads = wanted.map(|&(index, _, kind)| (index, kind)).collect();
         Ok(AccessLog {
             fields,
@@ -485,8 +486,8 @@ impl Plugin for AccessLog {
             time: (now.as_secs(), now.subsec_nanos()),
             ..Entry::default()
         };
-        if !self.keys.is_empty() {
-            let values = properties::get_many(&self.keys);
+        if !self.keys.keys().is_empty() {
+            let values = self.keys.get();
             for (&(index, kind), value) in self.reads.iter().zip(values) {
                 entry.values[index] = match kind {
                     Kind::Text => value.map(Value::Text),
