@@ -57,19 +57,6 @@ use std::sync::OnceLock;
 
 use serde::de::DeserializeOwned;
 
-/// The plugin's allocator (feature `talc`, on by default). A call into a plugin allocates for
-/// every string the gateway hands it and for most it builds; with the standard library's
-/// dlmalloc that was about a quarter of what the bundled plugins' own code cost per request
-/// (docs/performance.md, session 9). A plugin that needs its own allocator turns the SDK's
-/// default features off.
-#[cfg(all(
-    feature = "talc",
-    target_family = "wasm",
-    not(target_feature = "atomics")
-))]
-#[global_allocator]
-static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
-
 #[doc(hidden)]
 #[allow(unsafe_code, missing_docs, clippy::all)]
 pub mod __private {
