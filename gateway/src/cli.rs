@@ -130,7 +130,7 @@ pub fn main() -> ExitCode {
 /// plugin writes a line per request: skipping it where it has been done saves about 2 % of the
 /// CPU of a request through a logging chain (docs/performance.md, session 5).
 fn init_logs(format: LogFormat) {
-    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::filter::{LevelFilter, filter_fn};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
@@ -155,16 +155,24 @@ fn init_logs(format: LogFormat) {
             .with_ansi(ansi)
             .with_timer(LogTime)
     }
-    let registry = tracing_subscriber::registry()
-        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The per-target filters below say how verbose they may be: without a hint they count as
+    // "anything", the subscriber's maximum level becomes TRACE, and `init` has the `log` bridge
+    // pass every `log` record on. wasmtime writes several dozen trace and debug records per
+    // instantiation; each was bridged, dispatched and refused by the filter, ~20k instructions per
+    // request with a fresh instance per plugin (docs/performance.md, session 9).
+    let max = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let only_plugins = move || filter_fn(from_plugin).with_max_level_hint(max);
+    let no_plugins = move || filter_fn(move |meta| !from_plugin(meta)).with_max_level_hint(max);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry
-            .with(writer(ansi).with_filter(filter_fn(move |meta| !from_plugin(meta))))
+            .with(writer(ansi).with_filter(no_plugins()))
             // Plugin lines: in colour for a terminal, else the same text written directly.
             .with(ansi.then(|| {
                 writer(ansi)
                     .with_ansi_sanitization(false)
-                    .with_filter(filter_fn(from_plugin))
+                    .with_filter(only_plugins())
             }))
             .with((!ansi).then(|| {
                 // The host writes these lines itself (`log_output::plugin_line`), in this
@@ -173,7 +181,7 @@ fn init_logs(format: LogFormat) {
                 fmt::layer()
                     .with_writer(LogOutput)
                     .event_format(PluginLines)
-                    .with_filter(filter_fn(from_plugin))
+                    .with_filter(only_plugins())
             }))
             .init(),
         LogFormat::Json => registry
@@ -181,14 +189,14 @@ fn init_logs(format: LogFormat) {
                 writer(ansi)
                     .json()
                     .flatten_event(true)
-                    .with_filter(filter_fn(move |meta| !from_plugin(meta))),
+                    .with_filter(no_plugins()),
             )
             .with(
                 writer(ansi)
                     .json()
                     .flatten_event(true)
                     .with_ansi_sanitization(false)
-                    .with_filter(filter_fn(from_plugin)),
+                    .with_filter(only_plugins()),
             )
             .init(),
     }
