@@ -76,50 +76,13 @@ impl Body for Stream {
     }
 }
 
-/// A client's request body: read by hyper, or read whole before the request was handed on by
-/// wasmgate's own HTTP/1.1 server side ([`crate::h1_server`]).
+/// A client's request body: read by hyper as the proxy asks for it, or read whole before the
+/// request was handed on, by wasmgate's own HTTP/1.1 server side ([`crate::h1_server`]).
 pub enum RequestBody {
-    /// Read by hyper as the proxy asks for it.
+    /// Read by hyper.
     Hyper(Incoming),
-    /// Already read; empty once its one frame has been taken.
+    /// Already read (at most [`crate::h1::MAX_BODY`] bytes).
     Whole(Bytes),
-}
-
-impl From<Incoming> for RequestBody {
-    fn from(incoming: Incoming) -> Self {
-        RequestBody::Hyper(incoming)
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // Both variants are `Unpin`.
-        match self.get_mut() {
-            RequestBody::Hyper(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
-            RequestBody::Whole(bytes) if bytes.is_empty() => Poll::Ready(None),
-            RequestBody::Whole(bytes) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(bytes))))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Hyper(incoming) => incoming.is_end_stream(),
-            RequestBody::Whole(bytes) => bytes.is_empty(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Hyper(incoming) => incoming.size_hint(),
-            RequestBody::Whole(bytes) => SizeHint::with_exact(bytes.len() as u64),
-        }
-    }
 }
 
 /// A body held in memory.

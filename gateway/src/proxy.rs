@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 
 use crate::body::{
     AfterBody, BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, Stream,
@@ -689,27 +690,30 @@ impl OutgoingBody {
         counter: Option<Arc<AtomicU64>>,
         limit: u64,
     ) -> Result<OutgoingBody, Response<ProxyBody>> {
-        let small = http_body::Body::size_hint(&body)
+        let incoming = match body {
+            RequestBody::Hyper(incoming) => incoming,
+            // Read whole already (at most `h1::MAX_BODY`); only the limit is left to check.
+            whole @ RequestBody::Whole(_) => {
+                let bytes = buffer_body(headers, whole, limit).await?;
+                return Ok(OutgoingBody::Replayable(bytes, counter));
+            }
+        };
+        let small = http_body::Body::size_hint(&incoming)
             .exact()
             .is_some_and(|len| len <= crate::h1::MAX_BODY as u64);
-        if small && !http_body::Body::is_end_stream(&body) {
-            let bytes = buffer_body(headers, body, limit).await?;
+        if small && !http_body::Body::is_end_stream(&incoming) {
+            let bytes = buffer_body(headers, RequestBody::Hyper(incoming), limit).await?;
             return Ok(OutgoingBody::Replayable(bytes, counter));
         }
-        Ok(OutgoingBody::from_client(body, counter, limit))
+        Ok(OutgoingBody::from_client(incoming, counter, limit))
     }
 
     /// The client's body: replayable when it is known to be empty, streamed otherwise, within
     /// `limit` bytes.
-    fn from_client(body: RequestBody, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {
-        let body = match body {
-            // Read whole already; at most `h1::MAX_BODY`, so `read_client` has checked `limit`.
-            RequestBody::Whole(bytes) => return OutgoingBody::Replayable(bytes, counter),
-            RequestBody::Hyper(incoming) if http_body::Body::is_end_stream(&incoming) => {
-                return OutgoingBody::Replayable(Bytes::new(), counter);
-            }
-            RequestBody::Hyper(incoming) => incoming,
-        };
+    fn from_client(body: Incoming, counter: Option<Arc<AtomicU64>>, limit: u64) -> OutgoingBody {
+        if http_body::Body::is_end_stream(&body) {
+            return OutgoingBody::Replayable(Bytes::new(), counter);
+        }
         let body = match counter {
             Some(counter) => UpstreamBody::counted(streamed(body), counter),
             None => UpstreamBody::from(streamed(body)),

@@ -456,54 +456,25 @@ impl log::Host for PluginState {
             request_id,
             trace_id,
         };
-        // The plain text format writes the line itself; `enabled!` asks the same filters the
-        // event would.
-        let written = match level {
-            LogLevel::Trace => crate::log_output::plugin_line(
-                tracing::Level::TRACE,
-                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::TRACE),
-                line,
-            ),
-            LogLevel::Debug => crate::log_output::plugin_line(
-                tracing::Level::DEBUG,
-                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::DEBUG),
-                line,
-            ),
-            LogLevel::Info => crate::log_output::plugin_line(
-                tracing::Level::INFO,
-                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::INFO),
-                line,
-            ),
-            LogLevel::Warn => crate::log_output::plugin_line(
-                tracing::Level::WARN,
-                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::WARN),
-                line,
-            ),
-            LogLevel::Error => crate::log_output::plugin_line(
-                tracing::Level::ERROR,
-                || tracing::enabled!(target: PLUGIN_LOG_TARGET, tracing::Level::ERROR),
-                line,
-            ),
-        };
-        if written {
-            return Ok(());
+        // The plain text format writes the line itself (`enabled!` asks the filters the event
+        // would meet); other formats get the event. Each level is a callsite of its own.
+        macro_rules! emit {
+            ($level:expr, $event:ident) => {
+                if !crate::log_output::plugin_line(
+                    $level,
+                    || tracing::enabled!(target: PLUGIN_LOG_TARGET, $level),
+                    line,
+                ) {
+                    tracing::$event!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}");
+                }
+            };
         }
         match level {
-            LogLevel::Trace => {
-                tracing::trace!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
-            }
-            LogLevel::Debug => {
-                tracing::debug!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
-            }
-            LogLevel::Info => {
-                tracing::info!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
-            }
-            LogLevel::Warn => {
-                tracing::warn!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
-            }
-            LogLevel::Error => {
-                tracing::error!(target: PLUGIN_LOG_TARGET, plugin, route, request_id, trace_id, "{message}")
-            }
+            LogLevel::Trace => emit!(tracing::Level::TRACE, trace),
+            LogLevel::Debug => emit!(tracing::Level::DEBUG, debug),
+            LogLevel::Info => emit!(tracing::Level::INFO, info),
+            LogLevel::Warn => emit!(tracing::Level::WARN, warn),
+            LogLevel::Error => emit!(tracing::Level::ERROR, error),
         }
         Ok(())
     }
