@@ -23,6 +23,15 @@ routes:
     )
 }
 
+/// A gateway in front of a test upstream, and a connection to it on which `first` was sent.
+async fn connected(first: &[u8]) -> (TestUpstream, TestGateway, tokio::net::TcpStream) {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    (upstream, gateway, stream)
+}
+
 /// Reads until the server closes the connection (or 5 s pass, which fails the test).
 async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
     let mut received = Vec::new();
@@ -52,13 +61,7 @@ fn responses(text: &str) -> Vec<(String, &str)> {
 /// for the connection to close, which it then does. Every response has a `Date`.
 #[tokio::test]
 async fn a_kept_alive_connection_serves_pipelined_requests_and_split_bodies() {
-    let upstream = TestUpstream::start("main").await;
-    let gateway = TestGateway::start(&manifest(&upstream)).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nPOST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhell")
-        .await
-        .unwrap();
+    let (upstream, _gateway, mut stream) = connected(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nPOST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhell").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     stream
         .write_all(b"o body\nHEAD /bytes/5 HTTP/1.1\r\nHost: x\r\n\r\nGET /bytes/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -93,13 +96,7 @@ async fn a_kept_alive_connection_serves_pipelined_requests_and_split_bodies() {
 /// A response whose length nobody knows ahead (the upstream streams it) is sent in chunks.
 #[tokio::test]
 async fn a_response_of_unknown_length_is_chunked() {
-    let upstream = TestUpstream::start("main").await;
-    let gateway = TestGateway::start(&manifest(&upstream)).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"POST /stream-echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world")
-        .await
-        .unwrap();
+    let (_upstream, _gateway, mut stream) = connected(b"POST /stream-echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world").await;
     let text = read_to_close(&mut stream).await;
     let answers = responses(&text);
     assert_eq!(answers.len(), 1, "{text}");
@@ -127,13 +124,7 @@ async fn a_response_of_unknown_length_is_chunked() {
 /// read handed over.
 #[tokio::test]
 async fn requests_it_does_not_serve_go_to_hyper_on_the_same_connection() {
-    let upstream = TestUpstream::start("main").await;
-    let gateway = TestGateway::start(&manifest(&upstream)).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"GET /own HTTP/1.1\r\nHost: x\r\n\r\nPOST /expect HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    let (upstream, _gateway, mut stream) = connected(b"GET /own HTTP/1.1\r\nHost: x\r\n\r\nPOST /expect HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n").await;
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("100 Continue") {
