@@ -50,6 +50,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 /// The most header fields in a response head (hyper's client default).
 const MAX_HEADERS: usize = 100;
+// `parse_head` marks fields in a `u128`.
+const _: () = assert!(MAX_HEADERS <= 128);
 
 /// The largest response head, 1xx heads before it included (hyper's client default buffer).
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -456,7 +458,13 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         let count = response.headers.len();
         let mut length: Option<u64> = None;
         let (mut chunked, mut coded, mut close, mut keep_alive) = (false, false, false, false);
-        for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+        // Hop-by-hop fields are left out of the map as it is built (they never reach the
+        // client), which saves inserting them and `proxy::answer` a pass to remove them. Set
+        // when `Connection` names a field of its own: then the map is built whole and stripped
+        // the general way.
+        let mut names_fields = false;
+        let mut hop_by_hop = 0u128;
+        for (index, (span, header)) in spans.iter_mut().zip(response.headers.iter()).enumerate() {
             let offset = |at: *const u8, len: usize| {
                 let start = at as usize - base;
                 (start as u32, (start + len) as u32)
@@ -464,6 +472,9 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             let (name_start, name_end) = offset(header.name.as_ptr(), header.name.len());
             let (value_start, value_end) = offset(header.value.as_ptr(), header.value.len());
             *span = (name_start, name_end, value_start, value_end);
+            if is_hop_by_hop(header.name) {
+                hop_by_hop |= 1 << index;
+            }
             if header.name.eq_ignore_ascii_case("content-length") {
                 let value = parse_length(header.value)
                     .ok_or(Error::Head("Content-Length is not a number"))?;
@@ -477,15 +488,26 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             } else if header.name.eq_ignore_ascii_case("connection") {
                 for token in header.value.split(|b| *b == b',') {
                     let token = token.trim_ascii();
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                    let closes = token.eq_ignore_ascii_case(b"close");
+                    let keeps = token.eq_ignore_ascii_case(b"keep-alive");
+                    close |= closes;
+                    keep_alive |= keeps;
+                    names_fields |= !(closes || keeps || token.is_empty());
                 }
             }
         }
         let head = buf.split_to(len).freeze();
         // Room for the fields the gateway adds (`x-request-id`), so the map does not grow.
         let mut headers = HeaderMap::with_capacity(count + 2);
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        if names_fields {
+            hop_by_hop = 0;
+        }
+        for (index, &(name_start, name_end, value_start, value_end)) in
+            spans[..count].iter().enumerate()
+        {
+            if hop_by_hop & 1 << index != 0 {
+                continue;
+            }
             let (name_start, name_end) = (name_start as usize, name_end as usize);
             let (value_start, value_end) = (value_start as usize, value_end as usize);
             let name = HeaderName::from_bytes(&head[name_start..name_end])
@@ -498,6 +520,9 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
                 .map_err(|_| Error::Head("bad header value"))?;
             headers.append(name, value);
+        }
+        if names_fields {
+            crate::proxy::strip_hop_by_hop(&mut headers);
         }
         let bodiless =
             head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -524,6 +549,23 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             keep_alive,
         }));
     }
+}
+
+/// Whether a field is hop-by-hop by name (RFC 9110 section 7.6.1, and `Proxy-Connection`,
+/// `Keep-Alive`): the fixed set `proxy::strip_hop_by_hop` removes.
+fn is_hop_by_hop(name: &str) -> bool {
+    // By length first: most names are of none of these lengths, and the rest compare once.
+    let listed: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        18 => &["proxy-authenticate"],
+        19 => &["proxy-authorization"],
+        _ => return false,
+    };
+    listed.iter().any(|known| name.eq_ignore_ascii_case(known))
 }
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
@@ -813,6 +855,39 @@ mod tests {
 
     fn head(text: &str) -> Result<Option<Head>, Error> {
         parse_head(&mut BytesMut::from(text), false)
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_of_the_map() {
+        // The same set `proxy::strip_hop_by_hop` removes, in any case.
+        for name in &crate::proxy::HOP_BY_HOP {
+            assert!(is_hop_by_hop(name.as_str()), "{name}");
+            assert!(is_hop_by_hop(&name.as_str().to_ascii_uppercase()), "{name}");
+        }
+        for name in ["content-length", "date", "x-upgrade", "tee", "connections"] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: x-sum\r\nX-Kept: 1\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.headers.len(), 1, "{:?}", parsed.headers);
+        assert_eq!(parsed.headers["x-kept"], "1");
+        assert!(matches!(parsed.framing, Framing::Chunked));
+        assert!(parsed.keep_alive);
+
+        // A field `Connection` names goes too, and only the fields that must.
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\
+             Upgrade: h2c\r\nX-Kept: 1\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = parsed.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept", "content-length"]);
+        assert!(!parsed.keep_alive);
     }
 
     #[test]

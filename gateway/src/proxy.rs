@@ -1043,7 +1043,10 @@ fn answer(
     let protocol = switching
         .then(|| parts.headers.get(UPGRADE).cloned())
         .flatten();
-    strip_hop_by_hop(&mut parts.headers);
+    // wasmgate's own client leaves hop-by-hop fields out as it parses the head.
+    if !matches!(body, Stream::Native(_)) {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     match (upstream_side, upgrade, protocol) {
         (None, _, _) => {
             let body = match deadline {
@@ -1145,7 +1148,7 @@ pub fn gateway_error(status: StatusCode, reason: &'static str) -> Response<Proxy
 /// Hop-by-hop headers (RFC 9110 section 7.6.1): those named in `Connection`, and the fixed set.
 /// Hop-by-hop headers, `Upgrade` among them: an upgrade is passed on explicitly, only once the
 /// request phase has allowed it.
-static HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -1158,7 +1161,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Removes hop-by-hop headers, and those `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Runs twice per request. One pass over the names present (compared as known names, without
     // hashing) finds which of these are there; only those are removed, where a removal per listed
     // name would hash each of them. Responses often carry `Connection: keep-alive`.
