@@ -76,6 +76,16 @@ impl Body for Stream {
     }
 }
 
+impl Stream {
+    /// The upstream head's fields as bytes, if wasmgate's own client read them that way.
+    fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+        match self {
+            Stream::Native(body) => body.take_raw_fields(),
+            Stream::Hyper(_) => None,
+        }
+    }
+}
+
 /// A client's request body: read by hyper as the proxy asks for it, or read whole before the
 /// request was handed on, by wasmgate's own HTTP/1.1 server side ([`crate::h1_server`]).
 pub enum RequestBody {
@@ -243,6 +253,15 @@ pub type ResponseBody = TrackedBody;
 pub type UpstreamBody = TrackedBody;
 
 impl TrackedBody {
+    /// The upstream head's fields as bytes ([`crate::h1::RawFields`]), for a response that
+    /// passes through unread; taken once.
+    pub fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+        match &mut self.inner {
+            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.take_raw_fields(),
+            ProxyBody::Full(_) => None,
+        }
+    }
+
     /// A body that runs `on_end` when it has ended.
     pub fn with_on_end(inner: ProxyBody, on_end: OnEnd) -> Self {
         let mut body = TrackedBody::from(inner);

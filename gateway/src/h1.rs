@@ -89,6 +89,23 @@ pub struct Request<'a> {
     pub headers: std::borrow::Cow<'a, HeaderMap>,
     /// The whole body, at most [`MAX_BODY`] bytes.
     pub body: Bytes,
+    /// Whether the response's fields may come back as bytes ([`RawFields`]) rather than as a
+    /// map: for a response nothing reads or edits before wasmgate's own server side writes it.
+    pub raw_fields: bool,
+}
+
+/// A response's header fields as they go on to the client: each `name: value\r\n`, names in
+/// lower case, hop-by-hop fields and a length a transfer coding overrides left out. A route
+/// without plugins passes the upstream's head on this way: building a map of it and writing the
+/// map out again was a tenth of the bare proxy's work.
+#[derive(Debug, Clone, Default)]
+pub struct RawFields {
+    /// The field lines.
+    pub lines: Vec<u8>,
+    /// The `Content-Length` among them.
+    pub length: Option<u64>,
+    /// Whether they include `Date`.
+    pub dated: bool,
 }
 
 /// Why a request failed.
@@ -184,6 +201,10 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<Response<Body>, Error> {
         let head_only = request.method == Method::HEAD;
+        let reading = Reading {
+            head_only,
+            raw_fields: request.raw_fields,
+        };
         let message = self.encode(&request);
         let mut fresh_only = false;
         loop {
@@ -192,7 +213,7 @@ impl Pool {
                 Some(conn) => (conn, true),
                 None => (self.connect(connect_timeout).await?, false),
             };
-            match exchange(&mut conn, &message, head_only).await {
+            match exchange(&mut conn, &message, reading).await {
                 Ok(head) => return Ok(self.response(conn, head)),
                 // The upstream closed an idle connection as it was being reused: it has not
                 // seen the request. Sent again only where doing so twice is harmless anyway.
@@ -320,6 +341,7 @@ impl Pool {
             pool: head.keep_alive.then(|| self.clone()),
             state,
             failed: None,
+            raw_fields: head.raw,
         };
         if matches!(body.state, State::Done) {
             body.finish();
@@ -364,7 +386,7 @@ enum Failure {
 }
 
 /// Writes the request and reads the response head (interim ones skipped).
-async fn exchange(conn: &mut Conn, message: &[u8], head_only: bool) -> Result<Head, Failure> {
+async fn exchange(conn: &mut Conn, message: &[u8], reading: Reading) -> Result<Head, Failure> {
     // Every write wakes the upstream; where it shares a CPU with us, it preempts us there and
     // then, for one request. Yielding once first lets the other requests ready in this turn of
     // the event loop reach their writes too, so that the upstream wakes once for several of
@@ -379,7 +401,7 @@ async fn exchange(conn: &mut Conn, message: &[u8], head_only: bool) -> Result<He
     loop {
         if !conn.buf.is_empty() {
             answered = true;
-            if let Some(head) = parse_head(&mut conn.buf, head_only).map_err(Failure::Answering)? {
+            if let Some(head) = parse_head(&mut conn.buf, reading).map_err(Failure::Answering)? {
                 return Ok(head);
             }
             if conn.buf.len() >= MAX_HEAD {
@@ -407,18 +429,29 @@ enum Framing {
     Close,
 }
 
+/// How a response head is to be read.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reading {
+    /// The request was `HEAD`: no body follows whatever the head says.
+    head_only: bool,
+    /// The fields are wanted as [`RawFields`].
+    raw_fields: bool,
+}
+
 /// A parsed response head.
 struct Head {
     status: StatusCode,
     version: Version,
+    /// The fields, unless they are in `raw`.
     headers: HeaderMap,
+    raw: Option<Box<RawFields>>,
     framing: Framing,
     keep_alive: bool,
 }
 
 /// Parses a final response head from the front of `buf` and removes it (with any interim heads
 /// before it); `None` when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
+fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Head>, Error> {
     loop {
         // Uninitialised: zeroing 100 fields (3.2 KB) for every response cost more than parsing
         // a typical head.
@@ -458,12 +491,16 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         let count = response.headers.len();
         let mut length: Option<u64> = None;
         let (mut chunked, mut coded, mut close, mut keep_alive) = (false, false, false, false);
-        // Hop-by-hop fields are left out of the map as it is built (they never reach the
-        // client), which saves inserting them and `proxy::answer` a pass to remove them. Set
-        // when `Connection` names a field of its own: then the map is built whole and stripped
-        // the general way.
+        // Hop-by-hop fields are left out as the fields are taken (they never reach the client),
+        // which saves inserting them and `proxy::answer` a pass to remove them.
+        // `names_fields` is set when `Connection` names a field of its own: then a map is built
+        // whole and stripped the general way.
         let mut names_fields = false;
+        // Fields left out, by index: hop-by-hop ones, and lengths said again or overridden.
         let mut hop_by_hop = 0u128;
+        let mut extra_lengths = 0u128;
+        let mut lengths = 0u128;
+        let mut dated = false;
         for (index, (span, header)) in spans.iter_mut().zip(response.headers.iter()).enumerate() {
             let offset = |at: *const u8, len: usize| {
                 let start = at as usize - base;
@@ -481,7 +518,14 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
                 if length.is_some_and(|seen| seen != value) {
                     return Err(Error::Head("conflicting Content-Length values"));
                 }
+                if length.is_some() {
+                    // The same again: said once.
+                    extra_lengths |= 1 << index;
+                }
                 length = Some(value);
+                lengths |= 1 << index;
+            } else if header.name.len() == 4 && header.name.eq_ignore_ascii_case("date") {
+                dated = true;
             } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 coded = true;
                 chunked = last_token(header.value).eq_ignore_ascii_case(b"chunked");
@@ -496,36 +540,28 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
                 }
             }
         }
+        if coded {
+            // A transfer coding overrides a length (RFC 9112 section 6.3), which would
+            // otherwise frame the client's response wrongly.
+            extra_lengths |= lengths;
+        }
+        // With fields named in `Connection`, it stays for `strip_hop_by_hop` to read.
+        let skip = extra_lengths | if names_fields { 0 } else { hop_by_hop };
         let head = buf.split_to(len).freeze();
-        // Room for the fields the gateway adds (`x-request-id`), so the map does not grow.
-        let mut headers = HeaderMap::with_capacity(count + 2);
-        if names_fields {
-            hop_by_hop = 0;
-        }
-        for (index, &(name_start, name_end, value_start, value_end)) in
-            spans[..count].iter().enumerate()
-        {
-            if hop_by_hop & 1 << index != 0 {
-                continue;
-            }
-            let (name_start, name_end) = (name_start as usize, name_end as usize);
-            let (value_start, value_end) = (value_start as usize, value_end as usize);
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
-                .map_err(|_| Error::Head("bad header name"))?;
-            if coded && name == CONTENT_LENGTH {
-                // A transfer coding overrides a length (RFC 9112 section 6.3), which would
-                // otherwise frame the client's response wrongly.
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| Error::Head("bad header value"))?;
-            headers.append(name, value);
-        }
-        if names_fields {
-            crate::proxy::strip_hop_by_hop(&mut headers);
-        }
-        let bodiless =
-            head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let spans = &spans[..count];
+        let (headers, raw) = if reading.raw_fields && !names_fields {
+            let raw = RawFields {
+                lines: field_lines(&head, spans, skip),
+                length: length.filter(|_| !coded),
+                dated,
+            };
+            (HeaderMap::new(), Some(Box::new(raw)))
+        } else {
+            (field_map(&head, spans, skip, names_fields)?, None)
+        };
+        let bodiless = reading.head_only
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
         let framing = match (bodiless, coded, chunked, length) {
             (true, ..) => Framing::Length(0),
             (false, true, true, _) => Framing::Chunked,
@@ -545,10 +581,76 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             status,
             version,
             headers,
+            raw,
             framing,
             keep_alive,
         }));
     }
+}
+
+/// The fields of a head as a map, those marked in `skip` left out. When `Connection` names
+/// fields of its own (`names_fields`), the hop-by-hop ones are removed the general way
+/// afterwards.
+fn field_map(
+    head: &Bytes,
+    spans: &[(u32, u32, u32, u32)],
+    skip: u128,
+    names_fields: bool,
+) -> Result<HeaderMap, Error> {
+    // Room for the fields the gateway adds (`x-request-id`), so the map does not grow.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 2);
+    for (index, &(name_start, name_end, value_start, value_end)) in spans.iter().enumerate() {
+        if skip & 1 << index != 0 {
+            continue;
+        }
+        let (name_start, name_end) = (name_start as usize, name_end as usize);
+        let (value_start, value_end) = (value_start as usize, value_end as usize);
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| Error::Head("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| Error::Head("bad header value"))?;
+        headers.append(name, value);
+    }
+    if names_fields {
+        crate::proxy::strip_hop_by_hop(&mut headers);
+    }
+    Ok(headers)
+}
+
+/// The field lines of a head as the client is sent them, those marked in `skip` left out.
+/// httparse has checked names (tokens) and values (no control characters) as `HeaderName` and
+/// `HeaderValue` would. Each line is copied as it came (the name's case kept, as HTTP allows),
+/// up to the end of its value, then `\r\n`: a run of lines that already end that way is copied
+/// at once.
+fn field_lines(head: &[u8], spans: &[(u32, u32, u32, u32)], skip: u128) -> Vec<u8> {
+    let mut lines = Vec::with_capacity(head.len());
+    // The run of kept lines not copied yet.
+    let mut run: Option<(usize, usize)> = None;
+    for (index, &(name_start, _, _, value_end)) in spans.iter().enumerate() {
+        let (start, end) = (name_start as usize, value_end as usize);
+        if skip & 1 << index != 0 {
+            if let Some((from, to)) = run.take() {
+                lines.extend_from_slice(&head[from..to]);
+                lines.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        run = match run {
+            // The previous value ends with exactly `\r\n` before this name: one run.
+            Some((from, to)) if start == to + 2 && &head[to..start] == b"\r\n" => Some((from, end)),
+            Some((from, to)) => {
+                lines.extend_from_slice(&head[from..to]);
+                lines.extend_from_slice(b"\r\n");
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+    if let Some((from, to)) = run {
+        lines.extend_from_slice(&head[from..to]);
+        lines.extend_from_slice(b"\r\n");
+    }
+    lines
 }
 
 /// Whether a field is hop-by-hop by name (RFC 9110 section 7.6.1, and `Proxy-Connection`,
@@ -598,6 +700,11 @@ pub struct Body {
     state: State,
     /// A read error held back for one poll (see [`Body::poll_frame`]).
     failed: Option<io::Error>,
+    /// The head's fields, when they were asked for as bytes ([`Request::raw_fields`]): carried
+    /// with the body, which goes wherever the response goes, to the server side that writes it.
+    /// Boxed: the response is moved whole several times on its way, and inline these would
+    /// make every move a larger copy (callgrind counted 2.5k more bytes copied per request).
+    raw_fields: Option<Box<RawFields>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -623,6 +730,11 @@ enum Chunked {
 }
 
 impl Body {
+    /// The head's fields as bytes, when they were asked for that way; taken once.
+    pub fn take_raw_fields(&mut self) -> Option<Box<RawFields>> {
+        self.raw_fields.take()
+    }
+
     /// Ends the body: the connection goes back to the pool if it may be used again and nothing
     /// beyond the body was read from it.
     fn finish(&mut self) {
@@ -854,7 +966,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(text), false)
+        parse_head(&mut BytesMut::from(text), Reading::default())
     }
 
     #[test]
@@ -891,6 +1003,50 @@ mod tests {
     }
 
     #[test]
+    fn raw_fields_are_the_lines_the_map_holds_as_they_came() {
+        let text = "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Mon, 30 Nov 2026 12:00:00 GMT\r\n\
+                    Connection: keep-alive\r\nContent-Length: 2\r\ncontent-length: 2\r\n\
+                    X-Value:  spaced out \r\n\r\nok";
+        let raw_reading = Reading {
+            head_only: false,
+            raw_fields: true,
+        };
+        let mut buf = BytesMut::from(text);
+        let parsed = parse_head(&mut buf, raw_reading).unwrap().unwrap();
+        assert!(parsed.headers.is_empty());
+        let raw = parsed.raw.expect("asked for");
+        assert_eq!(
+            String::from_utf8(raw.lines).unwrap(),
+            "Server: up\r\nDate: Mon, 30 Nov 2026 12:00:00 GMT\r\nContent-Length: 2\r\n\
+             X-Value:  spaced out\r\n"
+        );
+        assert_eq!(raw.length, Some(2));
+        assert!(raw.dated);
+        assert!(matches!(parsed.framing, Framing::Length(2)));
+        assert_eq!(&buf[..], b"ok");
+
+        // A length a transfer coding overrides is left out, as from the map.
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+        );
+        let raw = parse_head(&mut buf, raw_reading)
+            .unwrap()
+            .unwrap()
+            .raw
+            .unwrap();
+        assert!(raw.lines.is_empty() && raw.length.is_none() && !raw.dated);
+
+        // A `Connection` that names a field: a map, stripped the general way.
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: 1\r\nx-kept: 1\r\n\r\n",
+        );
+        let parsed = parse_head(&mut buf, raw_reading).unwrap().unwrap();
+        assert!(parsed.raw.is_none());
+        assert_eq!(parsed.headers.len(), 1);
+        assert_eq!(parsed.headers["x-kept"], "1");
+    }
+
+    #[test]
     fn framing_follows_rfc_9112() {
         let framing = |text: &str| head(text).unwrap().unwrap().framing;
         assert!(matches!(
@@ -917,7 +1073,16 @@ mod tests {
         ));
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
         assert!(matches!(
-            parse_head(&mut buf, true).unwrap().unwrap().framing,
+            parse_head(
+                &mut buf,
+                Reading {
+                    head_only: true,
+                    raw_fields: false
+                }
+            )
+            .unwrap()
+            .unwrap()
+            .framing,
             Framing::Length(0)
         ));
     }
@@ -944,7 +1109,7 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
         );
-        let parsed = parse_head(&mut buf, false).unwrap().unwrap();
+        let parsed = parse_head(&mut buf, Reading::default()).unwrap().unwrap();
         assert_eq!(parsed.status, StatusCode::CREATED);
         assert_eq!(parsed.headers["x-a"], "1");
         assert_eq!(&buf[..], b"ok");

@@ -79,7 +79,7 @@ pub(crate) enum Outcome {
 pub(crate) struct Connection<'a> {
     /// The gateway, for the snapshot each request is served with.
     pub shared: &'a Shared,
-    /// The client.
+    /// The client (with [`Peer::raw_heads`] set: this side writes upstream heads as bytes).
     pub peer: &'a Peer,
     /// Its limits.
     pub limits: Limits,
@@ -353,6 +353,13 @@ where
             continue;
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // An upstream head passed through as bytes (a route without plugins): its fields follow
+    // the gateway's own (`x-request-id`), which are all the map then holds.
+    if let Some(raw) = body.take_raw_fields() {
+        out.extend_from_slice(&raw.lines);
+        dated |= raw.dated;
+        declared = declared.or(raw.length);
     }
     let framing = if bodiless {
         Framing::None

@@ -291,13 +291,18 @@ impl Connection {
         let peer = Peer {
             client: Arc::new(ClientAddr::new(client_addr)),
             secure,
+            raw_heads: false,
         };
         let (read, tracker) = if h2 {
             (Bytes::new(), Tracker::off())
         } else {
+            let own_peer = Peer {
+                raw_heads: true,
+                ..peer.clone()
+            };
             let own = h1_server::Connection {
                 shared: &shared,
-                peer: &peer,
+                peer: &own_peer,
                 limits: settings.limits(),
                 stop: &stop,
             };

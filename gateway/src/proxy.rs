@@ -46,6 +46,9 @@ pub struct Peer {
     pub client: Arc<ClientAddr>,
     /// Whether the connection is TLS: `X-Forwarded-Proto` and `Forwarded` say `https`.
     pub secure: bool,
+    /// Whether the response is written by wasmgate's own server side, which takes an upstream
+    /// head's fields as bytes ([`crate::h1::RawFields`]); hyper's takes a map only.
+    pub raw_heads: bool,
 }
 
 /// Answers one client request with the given snapshot.
@@ -162,7 +165,10 @@ async fn forward_routed(
             Cow::Owned(parts.headers),
             body,
         );
-        return forward(route, outgoing, upgrade, ids).await.map(Into::into);
+        // No plugin reads the response: its head may pass through as it came.
+        return forward(route, outgoing, upgrade, ids, peer.raw_heads)
+            .await
+            .map(Into::into);
     }
     let mut exchange = Exchange::new(
         parts,
@@ -309,7 +315,7 @@ async fn run_chain(
                     let outgoing =
                         Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
                     let sent = Instant::now();
-                    let response = forward(route, outgoing, upgrade, ids).await;
+                    let response = forward(route, outgoing, upgrade, ids, false).await;
                     exchange
                         .properties
                         .insert(UPSTREAM_MS, millis(sent.elapsed()));
@@ -781,7 +787,8 @@ impl<'h> Outgoing<'h> {
     /// The request for one attempt through wasmgate's own client, for a body it takes
     /// ([`Outgoing::native_body`]). The headers are borrowed: the client only writes them out,
     /// so an attempt that may be followed by another costs no copy.
-    fn native_attempt(&self) -> crate::h1::Request<'_> {
+    /// `raw_fields`: the response's fields may come back as bytes ([`crate::h1::RawFields`]).
+    fn native_attempt(&self, raw_fields: bool) -> crate::h1::Request<'_> {
         let body = match &self.body {
             OutgoingBody::Replayable(body, counter) => {
                 // The whole body is written before the answer is read.
@@ -797,6 +804,7 @@ impl<'h> Outgoing<'h> {
             path_and_query: self.path_and_query.clone(),
             headers: Cow::Borrowed(&*self.headers),
             body,
+            raw_fields,
         }
     }
 
@@ -897,12 +905,15 @@ enum AttemptFailure {
 }
 
 /// Sends a request upstream, trying other targets as the upstream's `retries` allow, and maps
-/// failures: no target in rotation 503, refused or reset 502, timed out 504.
+/// failures: no target in rotation 503, refused or reset 502, timed out 504. `raw_fields`: the
+/// response is passed on unread by wasmgate's own server side, so wasmgate's own client may
+/// hand its fields back as bytes ([`crate::h1::RawFields`]).
 async fn forward(
     route: &Route,
     mut outgoing: Outgoing<'_>,
     mut upgrade: Option<Upgrade>,
     ids: &RequestIds,
+    raw_fields: bool,
 ) -> Response<ProxyBody> {
     let upstream = &route.upstream;
     let deadline = route
@@ -929,7 +940,7 @@ async fn forward(
         let native =
             upgrade.is_none() && upstream.speaks_plain_http1(target) && outgoing.native_body();
         let mut request = if native {
-            Attempt::Native(outgoing.native_attempt())
+            Attempt::Native(outgoing.native_attempt(raw_fields))
         } else {
             let Some(request) = outgoing.attempt(target, upstream.version, last) else {
                 break;

@@ -137,6 +137,16 @@ fn answer(path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             false,
         ),
         "/no-content" => (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false),
+        "/hop-by-hop" => (
+            b"HTTP/1.1 200 OK\r\nServer: Raw\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: 1\r\nDate: Mon, 30 Nov 2026 12:00:00 GMT\r\ncontent-length: 2\r\nContent-Length: 2\r\nTrailer: x-sum\r\n\r\nok"
+                .to_vec(),
+            false,
+        ),
+        "/connection-names" => (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+            false,
+        ),
         "/interim" => (
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 7\r\n\r\ncreated"
                 .to_vec(),
@@ -255,6 +265,91 @@ async fn every_response_framing_arrives_whole() {
     let large = gateway.send(request(Method::PUT, "/echo", big)).await;
     assert_eq!(large.status, StatusCode::OK);
     assert!(large.body == big, "the large request body arrived intact");
+}
+
+/// A route without plugins passes the upstream's head on from its bytes (session 10): the same
+/// fields go as from a map, hop-by-hop ones and those `Connection` names left out, the length
+/// said once, the upstream's `Date` kept, and the gateway's `x-request-id` added.
+#[tokio::test]
+async fn a_head_passed_through_loses_its_hop_by_hop_fields() {
+    let upstream = RawUpstream::start(Duration::from_secs(30)).await;
+    let gateway = TestGateway::start(&manifest(&upstream)).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /hop-by-hop HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /connection-names HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .expect("the gateway closes the connection after the second answer")
+        .unwrap();
+    let text = String::from_utf8(received).unwrap();
+    let second_at = text
+        .match_indices("HTTP/1.1 ")
+        .nth(1)
+        .expect("two answers")
+        .0;
+    let (first, second) = text.split_at(second_at);
+    let lines = |answer: &str| -> Vec<String> {
+        let head = answer.split_once("\r\n\r\n").expect("a whole head").0;
+        head.lines().skip(1).map(str::to_ascii_lowercase).collect()
+    };
+    let named = |answer: &str, name: &str| {
+        lines(answer)
+            .into_iter()
+            .filter(|line| line.starts_with(&format!("{name}:")))
+            .count()
+    };
+
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    assert!(first.ends_with("\r\n\r\nok"), "{first}");
+    assert!(
+        first.contains("\r\nServer: Raw\r\n"),
+        "names keep their case: {first}"
+    );
+    assert!(first.contains("\r\nX-Kept: 1\r\n"), "{first}");
+    assert_eq!(named(first, "content-length"), 1, "{first}");
+    assert_eq!(named(first, "date"), 1, "{first}");
+    assert!(
+        first.contains("Date: Mon, 30 Nov 2026 12:00:00 GMT"),
+        "{first}"
+    );
+    assert_eq!(named(first, "x-request-id"), 1, "{first}");
+    for hop in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "trailer",
+    ] {
+        assert_eq!(named(first, hop), 0, "{hop} in {first}");
+    }
+
+    assert!(second.ends_with("\r\n\r\nok"), "{second}");
+    assert_eq!(
+        named(second, "x-private"),
+        0,
+        "named in Connection: {second}"
+    );
+    assert_eq!(named(second, "x-kept"), 1, "{second}");
+    // The gateway's own: the client asked for the connection to close.
+    assert_eq!(
+        lines(second)
+            .iter()
+            .filter(|l| *l == "connection: close")
+            .count(),
+        1
+    );
+    assert_eq!(
+        named(second, "date"),
+        1,
+        "the gateway dates an undated answer"
+    );
 }
 
 #[tokio::test]
