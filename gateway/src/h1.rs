@@ -87,6 +87,9 @@ pub struct Request<'a> {
     /// The header fields; framing fields (`Content-Length`, `Transfer-Encoding`) are written by
     /// the client from the body.
     pub headers: std::borrow::Cow<'a, HeaderMap>,
+    /// Forwarding headers to write after `headers` (a route without plugins adds them here
+    /// rather than to the map: [`crate::forwarded::prepare`]).
+    pub forwarded: Option<&'a crate::forwarded::Fields<'a>>,
     /// The whole body, at most [`MAX_BODY`] bytes.
     pub body: Bytes,
     /// Whether the response's fields may come back as bytes ([`RawFields`]) rather than as a
@@ -246,6 +249,9 @@ impl Pool {
                 continue;
             }
             field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if let Some(forwarded) = request.forwarded {
+            forwarded.write_lines(&mut out);
         }
         // The length is the body's own, whatever a plugin left in the header; a bodiless
         // request says `0` only where the client said so.

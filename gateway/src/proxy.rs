@@ -144,7 +144,7 @@ async fn forward_routed(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), ids.request_id.clone());
-    crate::forwarded::apply(
+    let forwarding = crate::forwarded::prepare(
         &mut parts.headers,
         &parts.uri,
         &peer.client,
@@ -158,17 +158,23 @@ async fn forward_routed(
             Ok(body) => body,
             Err(refusal) => return refusal.map(Into::into),
         };
-        let outgoing = Outgoing::new(
+        let mut outgoing = Outgoing::new(
             route,
             &parts.method,
             &parts.uri,
             Cow::Owned(parts.headers),
             body,
         );
+        // No plugin reads the request: its forwarding headers are written as it is sent.
+        outgoing.forwarding = forwarding;
         // No plugin reads the response: its head may pass through as it came.
         return forward(route, outgoing, upgrade, ids, peer.raw_heads)
             .await
             .map(Into::into);
+    }
+    // Plugins see the forwarding headers the upstream will.
+    if let Some(fields) = forwarding {
+        fields.insert_into(&mut parts.headers);
     }
     let mut exchange = Exchange::new(
         parts,
@@ -674,6 +680,8 @@ struct Outgoing<'h> {
     path_and_query: http::uri::PathAndQuery,
     headers: Cow<'h, HeaderMap>,
     body: OutgoingBody,
+    /// Forwarding headers not in `headers` yet, added to each attempt as it is sent.
+    forwarding: Option<crate::forwarded::Fields<'h>>,
 }
 
 /// A request body on its way upstream.
@@ -769,6 +777,7 @@ impl<'h> Outgoing<'h> {
             path_and_query,
             headers,
             body,
+            forwarding: None,
         }
     }
 
@@ -803,6 +812,7 @@ impl<'h> Outgoing<'h> {
             method: self.method.clone(),
             path_and_query: self.path_and_query.clone(),
             headers: Cow::Borrowed(&*self.headers),
+            forwarded: self.forwarding.as_ref(),
             body,
             raw_fields,
         }
@@ -833,6 +843,9 @@ impl<'h> Outgoing<'h> {
         } else {
             self.headers.clone().into_owned()
         };
+        if let Some(fields) = &self.forwarding {
+            fields.insert_into(request.headers_mut());
+        }
         Some(request)
     }
 }
