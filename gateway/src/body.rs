@@ -78,9 +78,9 @@ impl Body for Stream {
 
 impl Stream {
     /// The upstream head's fields as bytes, if wasmgate's own client read them that way.
-    fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+    fn raw_fields(&mut self) -> Option<&mut Option<Box<crate::h1::RawFields>>> {
         match self {
-            Stream::Native(body) => body.take_raw_fields(),
+            Stream::Native(body) => Some(body.raw_fields()),
             Stream::Hyper(_) => None,
         }
     }
@@ -256,8 +256,17 @@ impl TrackedBody {
     /// The upstream head's fields as bytes ([`crate::h1::RawFields`]), for a response that
     /// passes through unread; taken once.
     pub fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+        self.raw_fields()?.take()
+    }
+
+    /// The upstream head's fields as bytes, to add one to ([`crate::h1::RawFields::push`]).
+    pub fn raw_fields_mut(&mut self) -> Option<&mut crate::h1::RawFields> {
+        self.raw_fields()?.as_deref_mut()
+    }
+
+    fn raw_fields(&mut self) -> Option<&mut Option<Box<crate::h1::RawFields>>> {
         match &mut self.inner {
-            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.take_raw_fields(),
+            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.raw_fields(),
             ProxyBody::Full(_) => None,
         }
     }

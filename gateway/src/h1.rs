@@ -111,6 +111,13 @@ pub struct RawFields {
     pub dated: bool,
 }
 
+impl RawFields {
+    /// Adds a field line (one the gateway sets, never a framing field).
+    pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        field(&mut self.lines, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -736,9 +743,9 @@ enum Chunked {
 }
 
 impl Body {
-    /// The head's fields as bytes, when they were asked for that way; taken once.
-    pub fn take_raw_fields(&mut self) -> Option<Box<RawFields>> {
-        self.raw_fields.take()
+    /// The head's fields as bytes, when they were asked for that way.
+    pub fn raw_fields(&mut self) -> &mut Option<Box<RawFields>> {
+        &mut self.raw_fields
     }
 
     /// Ends the body: the connection goes back to the pool if it may be used again and nothing

@@ -67,9 +67,16 @@ pub async fn handle(
     };
     let mut response = route_and_forward(&snapshot, request, peer, &ids).await;
     ids.trace.finish(response.status());
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), ids.request_id);
+    match response.body_mut().raw_fields_mut() {
+        // A head passed through as bytes: the line goes with them, and the map, empty, is
+        // never allocated.
+        Some(raw) => raw.push(&X_REQUEST_ID, &ids.request_id),
+        None => {
+            response
+                .headers_mut()
+                .insert(X_REQUEST_ID.clone(), ids.request_id);
+        }
+    }
     response
 }
 
