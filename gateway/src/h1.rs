@@ -636,7 +636,8 @@ fn field_map(
 /// up to the end of its value, then `\r\n`: a run of lines that already end that way is copied
 /// at once.
 fn field_lines(head: &[u8], spans: &[(u32, u32, u32, u32)], skip: u128) -> Vec<u8> {
-    let mut lines = Vec::with_capacity(head.len());
+    // Room for the lines the gateway adds (`x-request-id`) without growing.
+    let mut lines = Vec::with_capacity(head.len() + 64);
     // The run of kept lines not copied yet.
     let mut run: Option<(usize, usize)> = None;
     for (index, &(name_start, _, _, value_end)) in spans.iter().enumerate() {
