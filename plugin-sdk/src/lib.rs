@@ -384,7 +384,7 @@ pub mod properties {
     /// `wasmgate.client_addr`, `wasmgate.request_id`). At most 64 keys; more stops the plugin.
     /// Build the key list once (at configuration), not for every request.
     pub fn get_many(keys: &[String]) -> Vec<Option<String>> {
-        decode_many(&wit::properties::get_many(keys), keys.len())
+        decode_many(wit::properties::get_many(keys), keys.len())
     }
 
     /// Property keys read together for every request (a logger's): the first [`KeyList::get`]
@@ -415,42 +415,91 @@ pub mod properties {
         /// The keys' values, in order, as [`get_many`] reads them, in one call out of the
         /// sandbox (two the first time).
         pub fn get(&self) -> Vec<Option<String>> {
+            let values = self.read();
+            (0..self.keys.len())
+                .map(|index| values.get(index).map(str::to_owned))
+                .collect()
+        }
+
+        /// The keys' values as [`KeyList::get`] reads them, borrowed from the one buffer the
+        /// gateway hands in rather than copied into a `String` each: for a plugin that only
+        /// writes them out again (an access log), that is an allocation and a free per value
+        /// saved.
+        pub fn read(&self) -> Values {
             let handle = *self
                 .handle
                 .get_or_init(|| wit::properties::prepare(&self.keys));
-            decode_many(&wit::properties::get_prepared(handle), self.keys.len())
+            Values::new(wit::properties::get_prepared(handle), self.keys.len())
+        }
+    }
+
+    /// Values read in one call ([`KeyList::read`]), in the order of the keys.
+    #[derive(Debug)]
+    pub struct Values {
+        buffer: Vec<u8>,
+        /// Where each value is in `buffer`; `None` for an absent one.
+        spans: Vec<Option<(u32, u32)>>,
+    }
+
+    impl Values {
+        /// The values laid out in `buffer` as the contract says; a value cut short reads as
+        /// absent, and so do those after it.
+        pub(crate) fn new(buffer: Vec<u8>, count: usize) -> Values {
+            let mut spans = Vec::with_capacity(count);
+            let mut at = 0usize;
+            for _ in 0..count {
+                let span = match buffer.get(at) {
+                    Some(1) => {
+                        let length = buffer
+                            .get(at + 1..at + 5)
+                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                        match length {
+                            Some(length) if at + 5 + length <= buffer.len() => {
+                                let start = at + 5;
+                                at = start + length;
+                                Some((start as u32, at as u32))
+                            }
+                            _ => {
+                                at = buffer.len();
+                                None
+                            }
+                        }
+                    }
+                    Some(_) => {
+                        at += 1;
+                        None
+                    }
+                    None => None,
+                };
+                spans.push(span);
+            }
+            Values { buffer, spans }
+        }
+
+        /// The value of the key at `index`, if it is set (and is UTF-8).
+        pub fn get(&self, index: usize) -> Option<&str> {
+            let (start, end) = (*self.spans.get(index)?)?;
+            std::str::from_utf8(&self.buffer[start as usize..end as usize]).ok()
+        }
+
+        /// How many keys were read.
+        pub fn len(&self) -> usize {
+            self.spans.len()
+        }
+
+        /// Whether no key was read.
+        pub fn is_empty(&self) -> bool {
+            self.spans.is_empty()
         }
     }
 
     /// The values in the buffer `get-many` returns (the contract says how it is laid out); a
     /// value cut short or not UTF-8 reads as absent.
-    pub(crate) fn decode_many(mut buffer: &[u8], count: usize) -> Vec<Option<String>> {
-        let mut values = Vec::with_capacity(count);
-        for _ in 0..count {
-            let value = match buffer.split_first() {
-                Some((1, rest)) if rest.len() >= 4 => {
-                    let (length, rest) = rest.split_at(4);
-                    let length = u32::from_le_bytes([length[0], length[1], length[2], length[3]]);
-                    match rest.split_at_checked(length as usize) {
-                        Some((text, rest)) => {
-                            buffer = rest;
-                            std::str::from_utf8(text).ok().map(str::to_owned)
-                        }
-                        None => {
-                            buffer = &[];
-                            None
-                        }
-                    }
-                }
-                Some((_, rest)) => {
-                    buffer = rest;
-                    None
-                }
-                None => None,
-            };
-            values.push(value);
-        }
-        values
+    pub(crate) fn decode_many(buffer: Vec<u8>, count: usize) -> Vec<Option<String>> {
+        let values = Values::new(buffer, count);
+        (0..count)
+            .map(|index| values.get(index).map(str::to_owned))
+            .collect()
     }
 
     /// Sets a property for the plugins that run after this one (and for the response phase).
@@ -634,14 +683,20 @@ mod tests {
         buffer.push(0);
         buffer.extend_from_slice(&[1, 0, 0, 0, 0]);
         assert_eq!(
-            properties::decode_many(&buffer, 3),
+            properties::decode_many(buffer, 3),
             [Some("alice".to_string()), None, Some(String::new())]
         );
         // Fewer values than keys, a length past the end, bytes that are not UTF-8: never a
         // panic, and nothing made up.
-        assert_eq!(properties::decode_many(&[], 2), [None, None]);
-        assert_eq!(properties::decode_many(&[1, 9, 0, 0, 0, b'a'], 1), [None]);
-        assert_eq!(properties::decode_many(&[1, 1, 0, 0, 0, 0xff], 1), [None]);
+        assert_eq!(properties::decode_many(vec![], 2), [None, None]);
+        assert_eq!(
+            properties::decode_many(vec![1, 9, 0, 0, 0, b'a'], 1),
+            [None]
+        );
+        assert_eq!(
+            properties::decode_many(vec![1, 1, 0, 0, 0, 0xff], 1),
+            [None]
+        );
     }
 
     #[derive(Debug, serde::Deserialize, PartialEq)]

@@ -101,24 +101,25 @@ pub mod field {
     pub const HEADERS: usize = 15;
 }
 
-/// One value of a line.
+/// One value of a line, borrowed where it can be from what the gateway handed in (the line is
+/// written and dropped within the call).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub enum Value<'a> {
     /// Text, escaped as a JSON string when written.
-    Text(String),
+    Text(Cow<'a, str>),
     /// A number in JSON's syntax (checked by [`number`]), written as it is.
-    Number(String),
+    Number(Cow<'a, str>),
     /// `true` or `false`.
     Bool(bool),
 }
 
 /// What one line is made of.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Entry {
+pub struct Entry<'a> {
     /// Seconds and nanoseconds since the Unix epoch.
     pub time: (u64, u32),
     /// The simple fields' values, by index into [`FIELDS`]; `None` leaves a field out.
-    pub values: [Option<Value>; FIELDS.len()],
+    pub values: [Option<Value<'a>>; FIELDS.len()],
     /// Selected request headers.
     pub headers: Vec<(String, String)>,
 }
@@ -417,13 +418,18 @@ fn needs_escape(word: u64) -> u64 {
 /// A number the host or the client wrote as text, as a JSON number: leading zeros of a whole
 /// number are dropped (a `Content-Length` may have them); anything that is not JSON's number
 /// syntax gives no value, so that the line stays valid JSON.
-pub fn number(text: Option<String>) -> Option<Value> {
-    let text = text?;
+pub fn number<'a>(text: Option<impl Into<Cow<'a, str>>>) -> Option<Value<'a>> {
+    let text = text?.into();
     let bytes = text.as_bytes();
     if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
         let zeros = bytes.iter().take_while(|&&b| b == b'0').count();
         let keep = zeros.min(bytes.len() - 1);
-        return Some(Value::Number(text[keep..].to_owned()));
+        let kept = match text {
+            Cow::Borrowed(text) => Cow::Borrowed(&text[keep..]),
+            Cow::Owned(text) if keep == 0 => Cow::Owned(text),
+            Cow::Owned(text) => Cow::Owned(text[keep..].to_owned()),
+        };
+        return Some(Value::Number(kept));
     }
     is_json_number(bytes).then_some(Value::Number(text))
 }
@@ -516,15 +522,17 @@ impl Plugin for AccessLog {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        // Read before `entry`, which borrows from them.
+        let values = (!self.keys.keys().is_empty()).then(|| self.keys.read());
         let mut entry = Entry {
             time: (now.as_secs(), now.subsec_nanos()),
             ..Entry::default()
         };
-        if !self.keys.keys().is_empty() {
-            let values = self.keys.get();
-            for (&(index, kind), value) in self.reads.iter().zip(values) {
+        if let Some(values) = &values {
+            for (at, &(index, kind)) in self.reads.iter().enumerate() {
+                let value = values.get(at);
                 entry.values[index] = match kind {
-                    Kind::Text => value.map(Value::Text),
+                    Kind::Text => value.map(|text| Value::Text(text.into())),
                     Kind::Number => number(value),
                     Kind::Bool => value.map(|value| Value::Bool(value == "true")),
                 };
@@ -535,7 +543,7 @@ impl Plugin for AccessLog {
             entry.values[field::BYTES_IN] = number(request.header("content-length"));
         }
         if self.wants(field::STATUS) {
-            entry.values[field::STATUS] = Some(Value::Number(decimal(response.status())));
+            entry.values[field::STATUS] = Some(Value::Number(decimal(response.status()).into()));
         }
         if self.wants(field::HEADERS) {
             entry.headers = self
@@ -558,7 +566,7 @@ mod tests {
         AccessLog::new(serde_json::from_str(json).unwrap()).unwrap()
     }
 
-    fn entry() -> Entry {
+    fn entry() -> Entry<'static> {
         let mut entry = Entry {
             time: (1_764_417_600, 123_000_000),
             headers: vec![
@@ -568,13 +576,13 @@ mod tests {
             ],
             ..Entry::default()
         };
-        let text = |value: &str| Some(Value::Text(value.into()));
+        let text = |value: &'static str| Some(Value::Text(value.into()));
         entry.values[field::ROUTE] = text("api");
         entry.values[field::METHOD] = text("GET");
         entry.values[field::PATH] = text("/a\nb");
         entry.values[field::QUERY] = text("x=1&token=s3cret");
-        entry.values[field::STATUS] = Some(Value::Number(decimal(200)));
-        entry.values[field::DURATION_MS] = number(Some("12.500".into()));
+        entry.values[field::STATUS] = Some(Value::Number(decimal(200).into()));
+        entry.values[field::DURATION_MS] = number(Some("12.500"));
         entry.values[field::COMPLETED] = Some(Value::Bool(true));
         entry
     }
@@ -667,8 +675,16 @@ mod tests {
 
     #[test]
     fn numbers_are_written_only_in_json_syntax() {
-        let written = |text: &str| match number(Some(text.into())) {
-            Some(Value::Number(number)) => Some(number),
+        let written = |text: &str| match number(Some(text.to_owned())) {
+            Some(Value::Number(owned)) => {
+                // Borrowed text reads the same.
+                let borrowed = match number(Some(text)) {
+                    Some(Value::Number(borrowed)) => borrowed,
+                    _ => panic!("{text} read as a number only when owned"),
+                };
+                assert_eq!(borrowed, owned);
+                Some(owned.into_owned())
+            }
             _ => None,
         };
         for (text, json) in [
