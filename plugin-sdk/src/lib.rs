@@ -436,7 +436,13 @@ pub mod properties {
     /// Values read in one call ([`KeyList::read`]), in the order of the keys.
     #[derive(Debug)]
     pub struct Values {
-        buffer: Vec<u8>,
+        /// The buffer, as text when the whole of it is UTF-8 (the usual case). Then every
+        /// value in it is too: each is preceded by the last byte of its length (below 0x80 for
+        /// a buffer under 2 GiB) and followed by a marker byte (0 or 1), so none can start or
+        /// end inside a character (and `str::get` checks that anyway). One check of the buffer
+        /// stands for one per value, which cost more than the values' own length in the
+        /// compiled plugin.
+        buffer: Result<String, Vec<u8>>,
         /// Where each value is in `buffer`; `None` for an absent one.
         spans: Vec<Option<(u32, u32)>>,
     }
@@ -473,13 +479,18 @@ pub mod properties {
                 };
                 spans.push(span);
             }
+            let buffer = String::from_utf8(buffer).map_err(|err| err.into_bytes());
             Values { buffer, spans }
         }
 
         /// The value of the key at `index`, if it is set (and is UTF-8).
         pub fn get(&self, index: usize) -> Option<&str> {
             let (start, end) = (*self.spans.get(index)?)?;
-            std::str::from_utf8(&self.buffer[start as usize..end as usize]).ok()
+            let range = start as usize..end as usize;
+            match &self.buffer {
+                Ok(text) => text.get(range),
+                Err(bytes) => std::str::from_utf8(&bytes[range]).ok(),
+            }
         }
 
         /// How many keys were read.
@@ -697,6 +708,31 @@ mod tests {
             properties::decode_many(vec![1, 1, 0, 0, 0, 0xff], 1),
             [None]
         );
+
+        // Values of several bytes a character, one long enough that its length has a byte
+        // past 0x7f: read whole, whether the buffer as a whole is UTF-8 or (with a value that
+        // is not) read value by value.
+        let long = "é".repeat(100);
+        let encode = |values: &[&[u8]]| {
+            let mut buffer = Vec::new();
+            for value in values {
+                buffer.push(1);
+                buffer.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                buffer.extend_from_slice(value);
+            }
+            buffer
+        };
+        let values: [&[u8]; 3] = ["中文".as_bytes(), long.as_bytes(), "🦀".as_bytes()];
+        let expected = [
+            Some("中文".to_string()),
+            Some(long.clone()),
+            Some("🦀".into()),
+        ];
+        assert_eq!(properties::decode_many(encode(&values), 3), expected);
+        let values: [&[u8]; 4] = [values[0], values[1], &[0xe4, 0xb8], values[2]];
+        let mut expected = expected.to_vec();
+        expected.insert(2, None);
+        assert_eq!(properties::decode_many(encode(&values), 4), expected);
     }
 
     #[derive(Debug, serde::Deserialize, PartialEq)]
