@@ -38,6 +38,13 @@ def context_switches(pid):
     return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
 
 
+def minor_faults(pid):
+    """Minor page faults of `pid` so far (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name (which may hold spaces): minflt is the 10th field overall.
+    return int(stat.rsplit(")", 1)[1].split()[7])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--chain", choices=CHAINS, default="none")
@@ -46,6 +53,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--gateway", default=str(bench.GATEWAY))
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count the target's system calls per request (perf trace) instead of sampling")
     parser.add_argument("--nginx", action="store_true", help="profile nginx as a plain proxy instead")
     parser.add_argument("--floor", nargs="?", const="hyper", choices=["hyper", "native-client", "raw"],
                         help="profile a floor (bench/hyper-floor; default its hyper mode) instead")
@@ -78,18 +87,26 @@ def main():
         bench.wrk(gateway, args.connections, 2)  # warm-up
         pid = gateway.pids()[-1]  # nginx: its worker
         switches = context_switches(pid)
-        perf = subprocess.Popen(["perf", "record", "-g", "-o", data, "-p", str(pid),
-                                 "--", "sleep", str(args.seconds)],
+        faults = minor_faults(pid)
+        record = ["perf", "trace", "-s", "-o", data] if args.syscalls else ["perf", "record", "-g", "-o", data]
+        perf = subprocess.Popen([*record, "-p", str(pid), "--", "sleep", str(args.seconds)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = bench.wrk(gateway, args.connections, args.seconds)
         perf.wait()
         voluntary, involuntary = (after - before for after, before in zip(context_switches(pid), switches))
+        faulted = minor_faults(pid) - faults
+        rss = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))) / 1024
         print(f"{result['rps']:.0f} req/s, {result['cpu_us']:.1f} us of CPU per request, per request "
               f"{voluntary / result['requests']:.2f} voluntary and {involuntary / result['requests']:.2f} "
-              "involuntary context switches")
+              f"involuntary context switches and {faulted / result['requests']:.2f} minor page faults; "
+              f"RSS after the run {rss:.1f} MiB")
     finally:
         gateway.stop()
         upstream.stop()
+    if args.syscalls:
+        print_syscalls(data, result["requests"])
+        return
     report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym",
                              "--stdio", "-g", "none", "--percent-limit", "0.3"],
                             capture_output=True, text=True).stdout
@@ -114,6 +131,21 @@ def main():
     print("self time of the gateway binary's code by crate: " + ", ".join(
         f"{crate} {share:.1f} %" for crate, share in by_crate(data)[:14]))
     print("\n".join(rows[: args.top]))
+
+
+def print_syscalls(data, requests):
+    """Prints each system call's count per request from a `perf trace -s` summary. The trace
+    covers the same seconds as the load run, give or take the tools' start-up."""
+    counts = {}
+    for line in Path(data).read_text().splitlines():
+        parts = line.split()
+        # Summary rows: syscall, calls, errors, total, min, avg, max, stddev.
+        if len(parts) >= 4 and parts[1].isdigit() and parts[2].isdigit():
+            counts[parts[0]] = counts.get(parts[0], 0) + int(parts[1])
+    total = sum(counts.values())
+    print(f"system calls per request: {total / requests:.2f}")
+    for name, count in sorted(counts.items(), key=lambda item: -item[1]):
+        print(f"    {name:<20} {count / requests:.3f}")
 
 
 def by_crate(data):
