@@ -120,11 +120,11 @@ impl PluginState {
         &mut self,
         on_request: bool,
         name: &str,
-        value: Option<(&str, Edit)>,
+        value: Option<(String, Edit)>,
     ) -> Result<()> {
         let budget = self.budget;
         let checked = match value {
-            Some((value, _)) if value.len() > budget.header_value as usize => Err((
+            Some((ref value, _)) if value.len() > budget.header_value as usize => Err((
                 FailureKind::Cap,
                 format!(
                     "the value of `{}` is {} bytes, more than the {} allowed",
@@ -231,7 +231,7 @@ impl request::Host for PluginState {
         if let Err(refused) = self.request_for_edit()? {
             return Ok(Err(refused));
         }
-        self.edit_headers(true, &name, Some((&value, Edit::Set)))
+        self.edit_headers(true, &name, Some((value, Edit::Set)))
             .map(Ok)
     }
 
@@ -239,7 +239,7 @@ impl request::Host for PluginState {
         if let Err(refused) = self.request_for_edit()? {
             return Ok(Err(refused));
         }
-        self.edit_headers(true, &name, Some((&value, Edit::Add)))
+        self.edit_headers(true, &name, Some((value, Edit::Add)))
             .map(Ok)
     }
 
@@ -328,7 +328,7 @@ impl response::Host for PluginState {
         if let Err(refused) = self.response_for_edit()? {
             return Ok(Err(refused));
         }
-        self.edit_headers(false, &name, Some((&value, Edit::Set)))
+        self.edit_headers(false, &name, Some((value, Edit::Set)))
             .map(Ok)
     }
 
@@ -336,7 +336,7 @@ impl response::Host for PluginState {
         if let Err(refused) = self.response_for_edit()? {
             return Ok(Err(refused));
         }
-        self.edit_headers(false, &name, Some((&value, Edit::Add)))
+        self.edit_headers(false, &name, Some((value, Edit::Add)))
             .map(Ok)
     }
 

@@ -867,14 +867,14 @@ fn immediate_response(
     }
     let mut built = http::Response::new(bytes::Bytes::from(response.body));
     *built.status_mut() = status;
-    for (name, value) in &response.headers {
+    for (name, value) in response.headers {
         if value.len() > budget.header_value as usize {
             return Err(refuse(
                 FailureKind::Cap,
                 format!("the value of `{name}` is too long"),
             ));
         }
-        let (name, value) = exchange::checked_header(name, value, false)
+        let (name, value) = exchange::checked_header(&name, value, false)
             .map_err(|m| refuse(FailureKind::Contract, m))?;
         built.headers_mut().append(name, value);
     }
