@@ -142,27 +142,33 @@ thread_local! {
 
 impl FormatTime for LogTime {
     fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-        let now = SystemTime::now();
-        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let second = since_epoch.as_secs();
-        SECOND.with(|cached| {
-            let mut cached = cached.borrow_mut();
-            if cached.0 != second {
-                let whole = humantime::format_rfc3339_seconds(now).to_string();
-                cached.1.clear();
-                cached.1.push_str(whole.trim_end_matches('Z'));
-                cached.0 = second;
-            }
-            w.write_str(&cached.1)
-        })?;
-        let mut fraction = *b".000000Z";
-        let mut micros = since_epoch.subsec_micros();
-        for digit in fraction[1..7].iter_mut().rev() {
-            *digit = b'0' + (micros % 10) as u8;
-            micros /= 10;
-        }
-        w.write_str(std::str::from_utf8(&fraction).expect("ASCII digits"))
+        write_time(w)
     }
+}
+
+/// Writes the current time as [`LogTime`] does, into any writer: a plugin line written directly
+/// goes into a `String`, without the dynamic calls of tracing's `Writer`.
+fn write_time(w: &mut impl std::fmt::Write) -> std::fmt::Result {
+    let now = SystemTime::now();
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let second = since_epoch.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let whole = humantime::format_rfc3339_seconds(now).to_string();
+            cached.1.clear();
+            cached.1.push_str(whole.trim_end_matches('Z'));
+            cached.0 = second;
+        }
+        w.write_str(&cached.1)
+    })?;
+    let mut fraction = *b".000000Z";
+    let mut micros = since_epoch.subsec_micros();
+    for digit in fraction[1..7].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    w.write_str(std::str::from_utf8(&fraction).expect("ASCII digits"))
 }
 
 /// The text format of plugin log lines (target [`PLUGIN_LOG_TARGET`]) when colour is off: the
@@ -204,8 +210,8 @@ where
 }
 
 /// The time, level and target that start a line, as the `Full` format writes them.
-fn line_start(w: &mut Writer<'_>, level: Level, target: &str) -> std::fmt::Result {
-    LogTime.format_time(w)?;
+fn line_start(w: &mut impl std::fmt::Write, level: Level, target: &str) -> std::fmt::Result {
+    write_time(w)?;
     let level = match level {
         Level::TRACE => " TRACE ",
         Level::DEBUG => " DEBUG ",
@@ -219,7 +225,7 @@ fn line_start(w: &mut Writer<'_>, level: Level, target: &str) -> std::fmt::Resul
 }
 
 /// A string field's value as `Debug` writes it: quoted, escaped only where it needs escaping.
-fn quoted(w: &mut Writer<'_>, value: &str) -> std::fmt::Result {
+fn quoted(w: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
     let plain = value
         .bytes()
         .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
@@ -279,8 +285,7 @@ pub fn plugin_line(level: Level, enabled: impl FnOnce() -> bool, line: PluginLin
             return false;
         };
         text.clear();
-        let mut w = Writer::new(&mut *text);
-        let formatted = format_plugin_line(&mut w, level, line);
+        let formatted = format_plugin_line(&mut *text, level, line);
         formatted.is_ok() && LogOutput.write_all(text.as_bytes()).is_ok()
     });
     // Formatting cannot fail into a `String`; on a thread being torn down the line goes through
@@ -288,7 +293,11 @@ pub fn plugin_line(level: Level, enabled: impl FnOnce() -> bool, line: PluginLin
     written == Ok(true)
 }
 
-fn format_plugin_line(w: &mut Writer<'_>, level: Level, line: PluginLine<'_>) -> std::fmt::Result {
+fn format_plugin_line(
+    w: &mut impl std::fmt::Write,
+    level: Level,
+    line: PluginLine<'_>,
+) -> std::fmt::Result {
     line_start(w, level, crate::runtime::PLUGIN_LOG_TARGET)?;
     w.write_str(line.message)?;
     for (name, value) in [
