@@ -473,20 +473,21 @@ def main():
         # The p99 target is "at half of the maximum load": the same offered rate for
         # every target, half of what the slower of nginx and bare wasmgate served at 32
         # connections, open loop.
-        half = {}
+        half = None
         present = {t.name: t for t in targets}
         if {"nginx", "wasmgate"} <= present.keys():
             most = min(statistics.median(r["rps"] for r in results[(name, 32)]) for name in ("nginx", "wasmgate"))
             rate = most / 2
             paced_load = Path(args.floor).with_name("paced-load")
+            runs = {name: [] for name in ("direct (upstream)", "nginx", "wasmgate")}
             for round in range(args.rounds):
-                for name in ("direct (upstream)", "nginx", "wasmgate"):
+                for name, results_of in runs.items():
                     result = paced(present[name], rate, args.seconds, 32, paced_load)
-                    half.setdefault(name, []).append(result)
+                    results_of.append(result)
                     print(f"round {round + 1} half load ({rate:.0f} req/s) {name}: p99 {result['p99_ms']:.3f} ms",
                           file=sys.stderr)
-            half = {"rate": rate, "p99": {n: statistics.median(r["p99_ms"] for r in rs) for n, rs in half.items()},
-                    "p50": {n: statistics.median(r["p50_ms"] for r in rs) for n, rs in half.items()}}
+            half = {"rate": rate, "p99": {n: statistics.median(r["p99_ms"] for r in rs) for n, rs in runs.items()},
+                    "p50": {n: statistics.median(r["p50_ms"] for r in rs) for n, rs in runs.items()}}
 
         memory = measure_memory(dir, up_port, args.memory_requests, key_header)
         table = render(targets, connection_counts, results, args, memory, half)

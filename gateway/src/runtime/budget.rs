@@ -164,7 +164,7 @@ impl ResourceLimiter for Limiter {
     }
 
     fn instances(&self) -> usize {
-        // A component's core instances: its module, the WASI adapter and a few shims.
+        // A component's core instances: its main module and the shims that lower its imports.
         64
     }
 

@@ -73,8 +73,9 @@ fn instance_slots() -> wasmtime::Result<u32> {
 }
 
 /// How much of a slot's linear memory stays mapped between instances, when only the pages an
-/// instance wrote are reset (Linux 6.7 and later, with the `PAGEMAP_SCAN` ioctl): a bound on the resident memory a
-/// slot keeps, far above what the bundled plugins touch per request (~80 KiB).
+/// instance wrote are reset (Linux 6.7 and later, with the `PAGEMAP_SCAN` ioctl): a bound on
+/// the resident memory a slot keeps, far above what a bundled plugin writes per request
+/// (~25 KiB).
 const KEEP_RESIDENT: usize = 4 << 20;
 
 /// The same for a slot's tables.
@@ -137,7 +138,8 @@ impl Runtime {
         let slots = instance_slots()?;
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(slots)
-            // A Rust component has its main module, the WASI adapter and a few shims.
+            // A component instantiates several core modules: its main module and the shims
+            // that lower its imports.
             .total_core_instances(slots * 8)
             .total_memories(slots * 2)
             .total_tables(slots * 4)

@@ -74,8 +74,8 @@ fn main() {
         .build()
         .expect("a Tokio runtime");
     let (seen, elapsed) = runtime.block_on(run(&args));
-    let mut latencies: Vec<Duration> = seen.iter().flat_map(|s| s.latencies.clone()).collect();
     let failed: u64 = seen.iter().map(|s| s.failed).sum();
+    let mut latencies: Vec<Duration> = seen.into_iter().flat_map(|s| s.latencies).collect();
     latencies.sort_unstable();
     let quantile = |q: f64| -> f64 {
         if latencies.is_empty() {
