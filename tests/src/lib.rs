@@ -27,6 +27,7 @@ pub const GUESTS: &[&str] = &[
     "misbehave-plugin",
     "sockets-plugin",
     "deny-plugin",
+    "sleepy-plugin",
     "hollow-auth-plugin",
     "bench-plugin",
     "jwt-auth",

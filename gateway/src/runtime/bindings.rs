@@ -1,7 +1,9 @@
 //! Host-side bindings generated from the WIT package in `wit/`.
 //!
-//! The generated code stays in the private `generated` module; the rest of the crate uses the few
-//! names re-exported here.
+//! The generated code stays in private modules; the rest of the crate uses the few names
+//! re-exported here. The exports are generated twice: as async calls, which run on a fiber and
+//! can yield at an epoch tick, and as plain calls, which skip the fiber for a plugin that has
+//! never run long enough to need one (`runtime::mod`, "Calls without a fiber").
 
 #[allow(missing_docs, clippy::all)]
 mod generated {
@@ -16,6 +18,27 @@ mod generated {
     });
 }
 
+#[allow(missing_docs, clippy::all)]
+mod generated_sync {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        imports: { default: trappable },
+        // The imports and the types are those of `generated`: one set of host traits, one
+        // `Action`, whichever way a call is made.
+        with: {
+            "wasmgate:plugin/types": super::generated::wasmgate::plugin::types,
+            "wasmgate:plugin/request": super::generated::wasmgate::plugin::request,
+            "wasmgate:plugin/response": super::generated::wasmgate::plugin::response,
+            "wasmgate:plugin/properties": super::generated::wasmgate::plugin::properties,
+            "wasmgate:plugin/log": super::generated::wasmgate::plugin::log,
+        },
+    });
+}
+
 pub(crate) use generated::wasmgate::plugin::{log, properties, request, response, types};
-pub(crate) use generated::{Plugin as PluginWorld, PluginPre as PluginWorldPre};
+pub(crate) use generated::{Plugin as PluginWorld, PluginIndices as PluginWorldIndices};
+pub(crate) use generated_sync::{
+    Plugin as SyncPluginWorld, PluginIndices as SyncPluginWorldIndices,
+};
 pub(crate) use types::{Action, ImmediateResponse, LogLevel};

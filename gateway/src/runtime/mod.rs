@@ -17,6 +17,7 @@ pub mod budget;
 pub mod cache;
 pub mod exchange;
 mod host;
+mod sync_io;
 pub use host::PLUGIN_LOG_TARGET;
 
 use std::fmt;
@@ -26,7 +27,7 @@ use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut,
     Trap, UpdateDeadline,
@@ -36,7 +37,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::metrics::PluginMetrics;
 
-use self::bindings::{Action, ImmediateResponse, PluginWorld, PluginWorldPre};
+use self::bindings::{
+    Action, ImmediateResponse, PluginWorld, PluginWorldIndices, SyncPluginWorld,
+    SyncPluginWorldIndices,
+};
 use self::budget::Limiter;
 pub use self::budget::{FailureCounters, FailureKind, PluginBudget, PluginError};
 pub use self::cache::{CacheStats, LoadSession, WasmDigest};
@@ -120,7 +124,11 @@ fn is_granted(name: &str) -> bool {
 /// The process-wide Wasm engine and linker.
 pub struct Runtime {
     engine: Engine,
+    /// `wasmtime-wasi`'s definitions as they are: some async, so every call runs on a fiber.
     linker: Linker<PluginState>,
+    /// The same with the async `wasi:io` functions redefined as plain ones ([`sync_io`]), for
+    /// the plugins whose calls can skip the fiber.
+    plain_linker: Linker<PluginState>,
     compiled: cache::MemoryCache,
     ticker: EpochTicker,
     reset_in_place: bool,
@@ -177,11 +185,14 @@ impl Runtime {
         // panics when called from a Tokio worker.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         PluginWorld::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        let mut plain_linker = linker.clone();
+        sync_io::define(&mut plain_linker)?;
 
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
             linker,
+            plain_linker,
             compiled: cache::MemoryCache::default(),
             ticker,
             reset_in_place,
@@ -243,19 +254,34 @@ impl Runtime {
                 refused.join(", ")
             ));
         }
-        let pre = self
-            .linker
+        let plain = !sync_io::needs_fiber(&self.engine, &component);
+        let linker = if plain {
+            &self.plain_linker
+        } else {
+            &self.linker
+        };
+        let pre = linker
             .instantiate_pre(&component)
             .map_err(|err| format!("`{shown}` cannot be linked: {err:#}"))?;
-        let pre = PluginWorldPre::new(pre).map_err(|err| {
+        let not_a_plugin = |err: wasmtime::Error| {
             format!(
                 "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.x): {err:#}"
             )
-        })?;
+        };
+        let fiber = PluginWorldIndices::new(&pre).map_err(not_a_plugin)?;
+        let plain = match plain {
+            true => Some(SyncPluginWorldIndices::new(&pre).map_err(not_a_plugin)?),
+            false => None,
+        };
         Ok(LoadedPlugin {
             name: Arc::from(name),
             engine: self.engine.clone(),
             pre,
+            calls: Arc::new(CallMode {
+                fiber,
+                plain,
+                slow: AtomicBool::new(false),
+            }),
             budget,
             live: Arc::new(AtomicU32::new(0)),
             failures: FailureCounters::default(),
@@ -329,13 +355,42 @@ impl Runtime {
 pub struct LoadedPlugin {
     name: Arc<str>,
     engine: Engine,
-    pre: PluginWorldPre<PluginState>,
+    pre: InstancePre<PluginState>,
+    calls: Arc<CallMode>,
     budget: PluginBudget,
     /// Instances alive now, against `budget.instances`.
     live: Arc<AtomicU32>,
     failures: FailureCounters,
     metrics: PluginMetrics,
     ticker: Arc<TickerState>,
+}
+
+/// How a plugin's calls are made.
+///
+/// # Calls without a fiber
+///
+/// An async Wasmtime call runs the guest on a fiber (its own stack) so that it can be suspended:
+/// at an epoch tick, to let other requests run, or in a host function that waits. Creating,
+/// entering and leaving the fiber is much of what an empty call costs. A plugin whose imports
+/// never wait ([`sync_io`]) is called plainly, on the worker's stack, until one of its calls runs
+/// through an epoch tick: a plain call cannot yield, so that call runs on to its end or its
+/// deadline, and every later call of the plugin (until the manifest is loaded again) runs on a
+/// fiber and yields at each tick. A slow or looping plugin thus holds a worker for at most one
+/// deadline once, then no longer than a tick at a time.
+struct CallMode {
+    /// The exports, for calls on a fiber.
+    fiber: PluginWorldIndices,
+    /// The exports, for plain calls; `None` when the plugin imports something that may wait.
+    plain: Option<SyncPluginWorldIndices>,
+    /// Set when a plain call ran through an epoch tick.
+    slow: AtomicBool,
+}
+
+impl CallMode {
+    /// Whether the next call (or instantiation) can be plain.
+    fn plain(&self) -> bool {
+        self.plain.is_some() && !self.slow.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -384,7 +439,10 @@ impl LoadedPlugin {
                 detail: format!("{} instances already running", self.budget.instances),
             })?;
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let plain = self.calls.plain();
         let state = PluginState {
+            call_mode: self.calls.clone(),
+            on_fiber: !plain,
             exchange: None,
             phase: Phase::Configure,
             plugin: self.name.clone(),
@@ -409,15 +467,27 @@ impl LoadedPlugin {
         store.set_epoch_deadline(1);
         // Start-up code runs here: the deadline must be enforceable already.
         let ticking = Ticking::start(&self.ticker);
-        let instantiated = self.pre.instantiate_async(&mut store).await;
+        let instantiated = match plain {
+            true => self.pre.instantiate(&mut store),
+            false => self.pre.instantiate_async(&mut store).await,
+        };
         drop(ticking);
-        let world = match instantiated {
-            Ok(world) => world,
+        let exports = instantiated.and_then(|instance| {
+            let (plain, fiber) = match (plain, &self.calls.plain) {
+                (true, Some(indices)) => (Some(indices.load(&mut store, &instance)?), None),
+                _ => (None, Some(self.calls.fiber.load(&mut store, &instance)?)),
+            };
+            Ok((instance, plain, fiber))
+        });
+        let (component, plain, fiber) = match exports {
+            Ok(exports) => exports,
             Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
         };
         let mut instance = PluginInstance {
             store,
-            world,
+            component,
+            plain,
+            fiber,
             poisoned: false,
             in_call: None,
             ticker: self.ticker.clone(),
@@ -426,11 +496,17 @@ impl LoadedPlugin {
             _slot: slot,
         };
         instance.begin(Phase::Configure)?;
-        let outcome = instance
-            .world
-            .wasmgate_plugin_handler()
-            .call_configure(&mut instance.store, config)
-            .await;
+        let outcome = match &instance.plain {
+            Some(world) if !instance.store.data().on_fiber => world
+                .wasmgate_plugin_handler()
+                .call_configure(&mut instance.store, config),
+            _ => {
+                on_fiber(&instance.fiber)
+                    .wasmgate_plugin_handler()
+                    .call_configure(&mut instance.store, config)
+                    .await
+            }
+        };
         match instance.finish(Phase::Configure, outcome)? {
             Ok(info) if info.auth && !info.on_request => Err(PluginError {
                 kind: FailureKind::Config,
@@ -473,6 +549,18 @@ fn on_epoch_tick(mut store: StoreContextMut<'_, PluginState>) -> wasmtime::Resul
     }
     state.ran = ran;
     state.running_since = now;
+    if !state.on_fiber {
+        // A plain call cannot yield: it runs on, to its end or its deadline. Once one has run
+        // a whole tick, the plugin's later calls run on a fiber. (Most ticks a plain call sees
+        // fall in the middle of a call of a few microseconds: those change nothing.)
+        if ran >= EPOCH_TICK && !state.call_mode.slow.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                plugin = %state.plugin,
+                "a plugin call ran a whole epoch tick without a fiber to yield from; its calls run on a fiber from now on"
+            );
+        }
+        return Ok(UpdateDeadline::Continue(1));
+    }
     let mark = state
         .resumed_at
         .get_or_insert_with(Default::default)
@@ -516,7 +604,11 @@ impl Drop for InstanceSlot {
 /// One instance of a plugin, serving one request.
 pub struct PluginInstance {
     store: Store<PluginState>,
-    world: PluginWorld,
+    component: Instance,
+    /// The exports for plain calls, when the plugin's calls can be plain.
+    plain: Option<SyncPluginWorld>,
+    /// The exports for calls on a fiber, loaded when the first such call is made.
+    fiber: Option<PluginWorld>,
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
     /// Between `begin` and `finish`: a call whose future was dropped (the client went away)
@@ -704,11 +796,17 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let decision = match self.begin(Phase::Request) {
             Ok(()) => {
-                let outcome = self
-                    .world
-                    .wasmgate_plugin_handler()
-                    .call_on_request(&mut self.store)
-                    .await;
+                let outcome = match &self.plain {
+                    Some(world) if !self.store.data().on_fiber => world
+                        .wasmgate_plugin_handler()
+                        .call_on_request(&mut self.store),
+                    _ => {
+                        on_fiber(&self.fiber)
+                            .wasmgate_plugin_handler()
+                            .call_on_request(&mut self.store)
+                            .await
+                    }
+                };
                 match self.finish(Phase::Request, outcome) {
                     Ok(Action::Continue) => Ok(Decision::Continue),
                     Ok(Action::Respond(response)) => {
@@ -748,10 +846,21 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let outcome = match self.begin(phase) {
             Ok(()) => {
-                let handler = self.world.wasmgate_plugin_handler();
-                let outcome = match phase {
-                    Phase::Complete => handler.call_on_complete(&mut self.store).await,
-                    _ => handler.call_on_response(&mut self.store).await,
+                let outcome = match &self.plain {
+                    Some(world) if !self.store.data().on_fiber => {
+                        let handler = world.wasmgate_plugin_handler();
+                        match phase {
+                            Phase::Complete => handler.call_on_complete(&mut self.store),
+                            _ => handler.call_on_response(&mut self.store),
+                        }
+                    }
+                    _ => {
+                        let handler = on_fiber(&self.fiber).wasmgate_plugin_handler();
+                        match phase {
+                            Phase::Complete => handler.call_on_complete(&mut self.store).await,
+                            _ => handler.call_on_response(&mut self.store).await,
+                        }
+                    }
                 };
                 self.finish(phase, outcome)
             }
@@ -768,7 +877,8 @@ impl PluginInstance {
             .expect("the exchange stays in the store for the whole call")
     }
 
-    /// Prepares a call: refuses a poisoned instance, resets the per-call budget.
+    /// Prepares a call: refuses a poisoned instance, resets the per-call budget, and decides
+    /// whether the call is plain or on a fiber ([`CallMode`]).
     fn begin(&mut self, phase: Phase) -> Result<(), PluginError> {
         if self.poisoned {
             return Err(PluginError {
@@ -777,7 +887,19 @@ impl PluginInstance {
                 detail: "the instance failed earlier and is not entered again".into(),
             });
         }
+        let plain = self.plain.is_some() && self.store.data().call_mode.plain();
+        if !plain && self.fiber.is_none() {
+            let calls = self.store.data().call_mode.clone();
+            match calls.fiber.load(&mut self.store, &self.component) {
+                Ok(world) => self.fiber = Some(world),
+                Err(err) => {
+                    self.poisoned = true;
+                    return Err(classify(&mut self.store, phase, err));
+                }
+            }
+        }
         let state = self.store.data_mut();
+        state.on_fiber = !plain;
         state.phase = phase;
         state.calls = 0;
         state.ran = Duration::ZERO;
@@ -798,6 +920,13 @@ impl PluginInstance {
             classify(&mut self.store, phase, err)
         })
     }
+}
+
+/// The exports for a call on a fiber, which [`PluginInstance::begin`] has loaded.
+fn on_fiber(world: &Option<PluginWorld>) -> &PluginWorld {
+    world
+        .as_ref()
+        .expect("`begin` loads the exports for calls on a fiber")
 }
 
 /// Names a failed call's kind: a breach the host recorded, the memory cap, the deadline, or a
@@ -885,6 +1014,10 @@ fn immediate_response(
 
 /// The data of a plugin instance's store.
 pub struct PluginState {
+    /// How the plugin's calls are made; marked slow by the epoch tick of a plain call.
+    call_mode: Arc<CallMode>,
+    /// Whether the current call runs on a fiber, and so can yield at an epoch tick.
+    on_fiber: bool,
     exchange: Option<Box<Exchange>>,
     phase: Phase,
     plugin: Arc<str>,

@@ -1,0 +1,74 @@
+//! How plugin calls are made: plainly, on the worker's stack, while a plugin's calls are short
+//! and nothing it imports can wait; on a fiber, which yields to other requests at every epoch
+//! tick, once one of its calls has run a whole tick or when it imports something that may wait.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use wasmgate_tests::{CliGateway, TestUpstream, send};
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "x.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A gateway with one event loop: a plain call that loops holds it whole until its deadline.
+/// After that call, the plugin runs on a fiber and a request on a clean route is answered while
+/// the same plugin loops again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_one_call_runs_long_a_plugin_yields_to_other_requests() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  looper: {{ source: \"{{plugins}}/misbehave_plugin.wasm\", deadline: 2s, host_calls: 500 }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: loop, match: {{ prefix: /loop }}, upstream: main, plugins: [{{ name: looper, config: {{ mode: loop }} }}] }}\n  - {{ name: clean, match: {{ prefix: /clean }}, upstream: main }}\n",
+        upstream.url()
+    );
+    let mut gateway = CliGateway::start(
+        env!("CARGO_BIN_EXE_wasmgate-cli"),
+        &manifest,
+        &[("WASMGATE_WORKERS", "1")],
+    )
+    .await;
+    let addr = gateway.addr;
+
+    // The first loop is a plain call: it runs to its deadline, and switches the plugin over.
+    let first = send(addr, get("/loop/1")).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let line = gateway.line_containing("epoch tick").await;
+    assert!(line.contains("plugin=looper"), "{line}");
+
+    // The second loop runs on a fiber: the one event loop serves the clean route meanwhile.
+    let looping = tokio::spawn(send(addr, get("/loop/2")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let clean = send(addr, get("/clean")).await;
+    assert_eq!(clean.status, StatusCode::OK);
+    assert!(
+        !looping.is_finished(),
+        "the clean request waited for the looping plugin's deadline"
+    );
+    let second = looping.await.unwrap();
+    assert_eq!(second.status, StatusCode::INTERNAL_SERVER_ERROR);
+    gateway.stop().await;
+}
+
+/// A plugin that sleeps imports a clock subscription, which may really wait: it is called on a
+/// fiber from its first call, and its sleep works (linked for plain calls, it would trap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_can_wait_is_called_on_a_fiber_and_its_wait_works() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  sleepy: {{ source: \"{{plugins}}/sleepy_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: nap, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: sleepy, config: {{ ms: 5 }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = wasmgate_tests::TestGateway::start(&manifest).await;
+    for i in 0..3 {
+        let response = gateway.get("x.test", &format!("/nap/{i}")).await;
+        assert_eq!(response.status, StatusCode::OK);
+        let seen = upstream.last();
+        let slept: u64 = seen.headers["x-slept"].to_str().unwrap().parse().unwrap();
+        assert!(slept >= 5, "slept {slept} ms");
+    }
+}
