@@ -497,7 +497,17 @@ def main():
     finally:
         for target in reversed(started):
             target.stop()
+        report_fiber_switches(dir)
         shutil.rmtree(dir, ignore_errors=True)
+
+
+def report_fiber_switches(dir):
+    """Prints the gateway log lines saying a plugin's calls moved to a fiber: a plugin is called
+    without one until a call runs long, and a run where that happened measured the slower path."""
+    for log in sorted(Path(dir).glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "its calls run on a fiber from now on" in line:
+                print(f"note: {log.stem}: {line}")
 
 
 def measure_memory(dir, up_port, total, headers):

@@ -1,6 +1,7 @@
 //! How plugin calls are made: plainly, on the worker's stack, while a plugin's calls are short
 //! and nothing it imports can wait; on a fiber, which yields to other requests at every epoch
-//! tick, once one of its calls has run a whole tick or when it imports something that may wait.
+//! tick, once one of its calls has run through a tenth of its deadline in ticks, or from the
+//! start when it imports something that may wait.
 
 use std::time::Duration;
 

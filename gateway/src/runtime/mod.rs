@@ -373,16 +373,16 @@ pub struct LoadedPlugin {
 /// at an epoch tick, to let other requests run, or in a host function that waits. Creating,
 /// entering and leaving the fiber is much of what an empty call costs. A plugin whose imports
 /// never wait ([`sync_io`]) is called plainly, on the worker's stack, until one of its calls runs
-/// through an epoch tick: a plain call cannot yield, so that call runs on to its end or its
-/// deadline, and every later call of the plugin (until the manifest is loaded again) runs on a
-/// fiber and yields at each tick. A slow or looping plugin thus holds a worker for at most one
-/// deadline once, then no longer than a tick at a time.
+/// through several epoch ticks ([`plain_tick_limit`]): a plain call cannot yield, so that call
+/// runs on to its end or its deadline, and every later call of the plugin (until the manifest is
+/// loaded again) runs on a fiber and yields at each tick. A slow or looping plugin thus holds a
+/// worker for at most one deadline once, then no longer than a tick at a time.
 struct CallMode {
     /// The exports, for calls on a fiber.
     fiber: PluginWorldIndices,
     /// The exports, for plain calls; `None` when the plugin imports something that may wait.
     plain: Option<SyncPluginWorldIndices>,
-    /// Set when a plain call ran through an epoch tick.
+    /// Set when a plain call ran through too many epoch ticks.
     slow: AtomicBool,
 }
 
@@ -449,6 +449,7 @@ impl LoadedPlugin {
             budget: self.budget,
             calls: 0,
             ran: Duration::ZERO,
+            plain_ticks: 0,
             running_since: Instant::now(),
             resumed_at: None,
             failure: None,
@@ -550,13 +551,17 @@ fn on_epoch_tick(mut store: StoreContextMut<'_, PluginState>) -> wasmtime::Resul
     state.ran = ran;
     state.running_since = now;
     if !state.on_fiber {
-        // A plain call cannot yield: it runs on, to its end or its deadline. Once one has run
-        // a whole tick, the plugin's later calls run on a fiber. (Most ticks a plain call sees
-        // fall in the middle of a call of a few microseconds: those change nothing.)
-        if ran >= EPOCH_TICK && !state.call_mode.slow.swap(true, Ordering::Relaxed) {
+        // A plain call cannot yield: it runs on, to its end or its deadline. Past
+        // `plain_ticks` ticks, the plugin's later calls run on a fiber.
+        state.plain_ticks += 1;
+        if state.plain_ticks >= plain_tick_limit(state.budget.deadline)
+            && !state.call_mode.slow.swap(true, Ordering::Relaxed)
+        {
             tracing::info!(
                 plugin = %state.plugin,
-                "a plugin call ran a whole epoch tick without a fiber to yield from; its calls run on a fiber from now on"
+                ticks = state.plain_ticks,
+                "a plugin call ran through several epoch ticks without a fiber to yield from; \
+                 its calls run on a fiber from now on"
             );
         }
         return Ok(UpdateDeadline::Continue(1));
@@ -573,6 +578,24 @@ fn on_epoch_tick(mut store: StoreContextMut<'_, PluginState>) -> wasmtime::Resul
         }),
     ))
 }
+
+/// The epoch ticks a plain call may run through before its plugin's calls move to a fiber: a
+/// tenth of the deadline, and at least [`MIN_PLAIN_TICKS`].
+///
+/// Ticks are counted rather than time measured because a worker thread the OS preempts in the
+/// middle of a call of a few microseconds (on a busy machine, often) finds the epoch advanced when
+/// it resumes, but sees one tick however long it was away; a call that really runs on sees one
+/// at every tick. Measured as time, such preemptions moved every plugin of a benchmark to fiber
+/// calls within a minute.
+fn plain_tick_limit(deadline: Duration) -> u32 {
+    let tenth = deadline.as_micros() / 10 / EPOCH_TICK.as_micros().max(1);
+    u32::try_from(tenth)
+        .unwrap_or(u32::MAX)
+        .max(MIN_PLAIN_TICKS)
+}
+
+/// The fewest epoch ticks a plain call may run through before its plugin's calls move to a fiber.
+const MIN_PLAIN_TICKS: u32 = 3;
 
 /// A fixed instant that resume times are stored relative to, so that they fit an atomic.
 static TIME_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -903,6 +926,7 @@ impl PluginInstance {
         state.phase = phase;
         state.calls = 0;
         state.ran = Duration::ZERO;
+        state.plain_ticks = 0;
         state.running_since = Instant::now();
         if let Some(mark) = &state.resumed_at {
             mark.store(0, Ordering::Relaxed);
@@ -1018,6 +1042,8 @@ pub struct PluginState {
     call_mode: Arc<CallMode>,
     /// Whether the current call runs on a fiber, and so can yield at an epoch tick.
     on_fiber: bool,
+    /// Epoch ticks the current call has run through, when it is plain.
+    plain_ticks: u32,
     exchange: Option<Box<Exchange>>,
     phase: Phase,
     plugin: Arc<str>,
@@ -1159,6 +1185,15 @@ impl Drop for EpochTicker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_call_may_run_a_tenth_of_its_deadline_in_ticks_and_at_least_three() {
+        assert_eq!(plain_tick_limit(Duration::from_millis(50)), 5);
+        assert_eq!(plain_tick_limit(Duration::from_secs(2)), 200);
+        assert_eq!(plain_tick_limit(Duration::from_millis(20)), MIN_PLAIN_TICKS);
+        assert_eq!(plain_tick_limit(Duration::ZERO), MIN_PLAIN_TICKS);
+        assert_eq!(plain_tick_limit(Duration::MAX), u32::MAX);
+    }
 
     #[test]
     fn only_the_contract_and_the_std_baseline_are_granted() {
