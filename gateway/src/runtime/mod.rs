@@ -393,6 +393,27 @@ impl CallMode {
     }
 }
 
+/// Calls one of the `handler` exports on a [`PluginInstance`], plainly or on a fiber as
+/// [`PluginInstance::begin`] decided (the two are different generated types, one method async).
+macro_rules! call_export {
+    ($instance:expr, $export:ident $(, $arg:expr)*) => {
+        match &$instance.plain {
+            Some(world) if !$instance.store.data().on_fiber => world
+                .wasmgate_plugin_handler()
+                .$export(&mut $instance.store $(, $arg)*),
+            _ => {
+                $instance
+                    .fiber
+                    .as_ref()
+                    .expect("`begin` loads the exports for calls on a fiber")
+                    .wasmgate_plugin_handler()
+                    .$export(&mut $instance.store $(, $arg)*)
+                    .await
+            }
+        }
+    };
+}
+
 impl fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadedPlugin")
@@ -497,17 +518,7 @@ impl LoadedPlugin {
             _slot: slot,
         };
         instance.begin(Phase::Configure)?;
-        let outcome = match &instance.plain {
-            Some(world) if !instance.store.data().on_fiber => world
-                .wasmgate_plugin_handler()
-                .call_configure(&mut instance.store, config),
-            _ => {
-                on_fiber(&instance.fiber)
-                    .wasmgate_plugin_handler()
-                    .call_configure(&mut instance.store, config)
-                    .await
-            }
-        };
+        let outcome = call_export!(instance, call_configure, config);
         match instance.finish(Phase::Configure, outcome)? {
             Ok(info) if info.auth && !info.on_request => Err(PluginError {
                 kind: FailureKind::Config,
@@ -819,17 +830,7 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let decision = match self.begin(Phase::Request) {
             Ok(()) => {
-                let outcome = match &self.plain {
-                    Some(world) if !self.store.data().on_fiber => world
-                        .wasmgate_plugin_handler()
-                        .call_on_request(&mut self.store),
-                    _ => {
-                        on_fiber(&self.fiber)
-                            .wasmgate_plugin_handler()
-                            .call_on_request(&mut self.store)
-                            .await
-                    }
-                };
+                let outcome = call_export!(self, call_on_request);
                 match self.finish(Phase::Request, outcome) {
                     Ok(Action::Continue) => Ok(Decision::Continue),
                     Ok(Action::Respond(response)) => {
@@ -869,21 +870,9 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let outcome = match self.begin(phase) {
             Ok(()) => {
-                let outcome = match &self.plain {
-                    Some(world) if !self.store.data().on_fiber => {
-                        let handler = world.wasmgate_plugin_handler();
-                        match phase {
-                            Phase::Complete => handler.call_on_complete(&mut self.store),
-                            _ => handler.call_on_response(&mut self.store),
-                        }
-                    }
-                    _ => {
-                        let handler = on_fiber(&self.fiber).wasmgate_plugin_handler();
-                        match phase {
-                            Phase::Complete => handler.call_on_complete(&mut self.store).await,
-                            _ => handler.call_on_response(&mut self.store).await,
-                        }
-                    }
+                let outcome = match phase {
+                    Phase::Complete => call_export!(self, call_on_complete),
+                    _ => call_export!(self, call_on_response),
                 };
                 self.finish(phase, outcome)
             }
@@ -944,13 +933,6 @@ impl PluginInstance {
             classify(&mut self.store, phase, err)
         })
     }
-}
-
-/// The exports for a call on a fiber, which [`PluginInstance::begin`] has loaded.
-fn on_fiber(world: &Option<PluginWorld>) -> &PluginWorld {
-    world
-        .as_ref()
-        .expect("`begin` loads the exports for calls on a fiber")
 }
 
 /// Names a failed call's kind: a breach the host recorded, the memory cap, the deadline, or a

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use wasmtime::component::{Linker, Resource, ResourceType, types::ComponentItem};
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, types::ComponentItem};
 use wasmtime::{Engine, StoreContextMut};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
 use wasmtime_wasi_io::bindings::wasi::io::poll::{Host as _, HostPollable};
@@ -44,13 +44,16 @@ fn at_once<T>(future: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Re
 /// A stream operation's result as the guest sees it: its error turned into a `stream-error`.
 type StreamResult<T> = Result<T, streams::StreamError>;
 
-fn lowered<T>(
-    cx: &mut StoreContextMut<'_, PluginState>,
-    result: wasmtime::Result<Result<T, StreamError>>,
+/// Runs one of `wasmtime-wasi`'s stream operations on the store's table, polled once, and lowers
+/// its error for the guest.
+fn stream_op<T>(
+    mut cx: StoreContextMut<'_, PluginState>,
+    op: impl AsyncFnOnce(&mut ResourceTable) -> Result<T, StreamError>,
 ) -> wasmtime::Result<(StreamResult<T>,)> {
-    match result? {
+    let table = &mut cx.data_mut().table;
+    match at_once(async { Ok(op(table).await) })? {
         Ok(value) => Ok((Ok(value),)),
-        Err(err) => Ok((Err(cx.data_mut().table.convert_stream_error(err)?),)),
+        Err(err) => Ok((Err(table.convert_stream_error(err)?),)),
     }
 }
 
@@ -105,72 +108,50 @@ pub(super) fn define(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     )?;
     streams.func_wrap(
         "[method]input-stream.blocking-read",
-        |mut cx: StoreContextMut<'_, PluginState>, (this, len): (Resource<DynInputStream>, u64)| {
-            let result = at_once(async {
-                Ok(HostInputStream::blocking_read(&mut cx.data_mut().table, this, len).await)
-            });
-            lowered(&mut cx, result)
+        |cx, (this, len): (Resource<DynInputStream>, u64)| {
+            stream_op(cx, async |table| {
+                HostInputStream::blocking_read(table, this, len).await
+            })
         },
     )?;
     streams.func_wrap(
         "[method]input-stream.blocking-skip",
-        |mut cx: StoreContextMut<'_, PluginState>, (this, len): (Resource<DynInputStream>, u64)| {
-            let result = at_once(async {
-                Ok(HostInputStream::blocking_skip(&mut cx.data_mut().table, this, len).await)
-            });
-            lowered(&mut cx, result)
+        |cx, (this, len): (Resource<DynInputStream>, u64)| {
+            stream_op(cx, async |table| {
+                HostInputStream::blocking_skip(table, this, len).await
+            })
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-flush",
-        |mut cx: StoreContextMut<'_, PluginState>, (this,): (Resource<DynOutputStream>,)| {
-            let result = at_once(async {
-                Ok(HostOutputStream::blocking_flush(&mut cx.data_mut().table, this).await)
-            });
-            lowered(&mut cx, result)
+        |cx, (this,): (Resource<DynOutputStream>,)| {
+            stream_op(cx, async |table| {
+                HostOutputStream::blocking_flush(table, this).await
+            })
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-write-and-flush",
-        |mut cx: StoreContextMut<'_, PluginState>,
-         (this, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
-            let result = at_once(async {
-                Ok(HostOutputStream::blocking_write_and_flush(
-                    &mut cx.data_mut().table,
-                    this,
-                    bytes,
-                )
-                .await)
-            });
-            lowered(&mut cx, result)
+        |cx, (this, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
+            stream_op(cx, async |table| {
+                HostOutputStream::blocking_write_and_flush(table, this, bytes).await
+            })
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-write-zeroes-and-flush",
-        |mut cx: StoreContextMut<'_, PluginState>,
-         (this, len): (Resource<DynOutputStream>, u64)| {
-            let result = at_once(async {
-                Ok(HostOutputStream::blocking_write_zeroes_and_flush(
-                    &mut cx.data_mut().table,
-                    this,
-                    len,
-                )
-                .await)
-            });
-            lowered(&mut cx, result)
+        |cx, (this, len): (Resource<DynOutputStream>, u64)| {
+            stream_op(cx, async |table| {
+                HostOutputStream::blocking_write_zeroes_and_flush(table, this, len).await
+            })
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-splice",
-        |mut cx: StoreContextMut<'_, PluginState>,
-         (this, from, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
-            let result = at_once(async {
-                Ok(
-                    HostOutputStream::blocking_splice(&mut cx.data_mut().table, this, from, len)
-                        .await,
-                )
-            });
-            lowered(&mut cx, result)
+        |cx, (this, from, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
+            stream_op(cx, async |table| {
+                HostOutputStream::blocking_splice(table, this, from, len).await
+            })
         },
     )?;
     linker.allow_shadowing(false);
