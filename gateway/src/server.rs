@@ -479,6 +479,7 @@ impl WorkerThreads {
             let ending = ending.clone();
             std::thread::Builder::new()
                 .name(format!("wasmgate-worker-{}", i + 1))
+                .stack_size(crate::runtime::PLUGIN_THREAD_STACK)
                 .spawn(move || {
                     // Runs the tasks spawned onto it until the gateway lets go, buffering
                     // its log lines between waits.
@@ -618,6 +619,7 @@ impl Shared {
         let shared = self.clone();
         let spawned = std::thread::Builder::new()
             .name("wasmgate-reload".into())
+            .stack_size(crate::runtime::PLUGIN_THREAD_STACK)
             .spawn(move || {
                 let built = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -73,3 +73,31 @@ async fn a_plugin_that_can_wait_is_called_on_a_fiber_and_its_wait_works() {
         assert!(slept >= 5, "slept {slept} ms");
     }
 }
+
+/// A plain call runs the plugin on the worker's own stack. The gateway gives the threads it
+/// starts a stack of their own size, so a plugin that recurses hits its Wasm stack limit and
+/// traps, whatever `RUST_MIN_STACK` says (with 256 KiB, the worker overflowed and the process
+/// aborted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursing_plugin_traps_on_a_worker_whatever_rust_min_stack_says() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  deep: {{ source: \"{{plugins}}/misbehave_plugin.wasm\", deadline: 2s }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: deep, match: {{ prefix: /deep }}, upstream: main, plugins: [{{ name: deep, config: {{ mode: recurse }} }}] }}\n  - {{ name: clean, match: {{ prefix: /clean }}, upstream: main }}\n",
+        upstream.url()
+    );
+    let gateway = CliGateway::start(
+        env!("CARGO_BIN_EXE_wasmgate-cli"),
+        &manifest,
+        &[("WASMGATE_WORKERS", "2"), ("RUST_MIN_STACK", "262144")],
+    )
+    .await;
+    // Each request on a connection of its own: the kernel spreads them over both event loops
+    // (all 16 on the same one by chance: one run in 65,536).
+    for i in 0..16 {
+        let deep = send(gateway.addr, get(&format!("/deep/{i}"))).await;
+        assert_eq!(deep.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let clean = send(gateway.addr, get("/clean")).await;
+    assert_eq!(clean.status, StatusCode::OK);
+    gateway.stop().await;
+}

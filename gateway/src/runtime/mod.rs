@@ -50,6 +50,18 @@ pub use self::exchange::{Exchange, Phase};
 /// runs before it yields to other requests.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// The most native stack a plugin's code may use before its call traps (Wasmtime's default,
+/// stated here because [`PLUGIN_THREAD_STACK`] is sized from it).
+pub const MAX_WASM_STACK: usize = 512 << 10;
+
+/// The stack of every thread the gateway starts that calls plugins (the workers, the reload
+/// thread). A plain call ([`CallMode`]) runs the plugin on the calling thread's own stack, so
+/// that stack must hold [`MAX_WASM_STACK`] beside the gateway's frames below the call and a host
+/// function's above it; otherwise a plugin that recurses overflows the thread instead of
+/// trapping, and the process aborts. Rust's default (2 MiB) is enough, but `RUST_MIN_STACK` can
+/// lower it: with 256 KiB, one such request aborted the gateway.
+pub const PLUGIN_THREAD_STACK: usize = 8 * MAX_WASM_STACK;
+
 /// The largest memory cap a plugin may be given; the pooling allocator reserves slots this big.
 pub const MAX_PLUGIN_MEMORY: u64 = 256 << 20;
 
@@ -173,6 +185,7 @@ impl Runtime {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .max_wasm_stack(MAX_WASM_STACK)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         if std::env::var_os("WASMGATE_PERF_MAP").is_some() {
             // For profiling: plugin code gets names in `perf report` (/tmp/perf-PID.map).
