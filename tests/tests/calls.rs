@@ -10,6 +10,14 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use wasmgate_tests::{CliGateway, TestUpstream, send};
 
+/// A manifest with one listener, the upstream `main`, these plugin lines and these route lines.
+fn manifest(upstream: &TestUpstream, plugins: &str, routes: &str) -> String {
+    format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n{plugins}upstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n{routes}",
+        upstream.url()
+    )
+}
+
 fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path)
         .header("host", "x.test")
@@ -23,9 +31,10 @@ fn get(path: &str) -> Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_one_call_runs_long_a_plugin_yields_to_other_requests() {
     let upstream = TestUpstream::start("main").await;
-    let manifest = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  looper: {{ source: \"{{plugins}}/misbehave_plugin.wasm\", deadline: 2s, host_calls: 500 }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: loop, match: {{ prefix: /loop }}, upstream: main, plugins: [{{ name: looper, config: {{ mode: loop }} }}] }}\n  - {{ name: clean, match: {{ prefix: /clean }}, upstream: main }}\n",
-        upstream.url()
+    let manifest = manifest(
+        &upstream,
+        "  looper: { source: \"{plugins}/misbehave_plugin.wasm\", deadline: 2s, host_calls: 500 }\n",
+        "  - { name: loop, match: { prefix: /loop }, upstream: main, plugins: [{ name: looper, config: { mode: loop } }] }\n  - { name: clean, match: { prefix: /clean }, upstream: main }\n",
     );
     let mut gateway = CliGateway::start(
         env!("CARGO_BIN_EXE_wasmgate-cli"),
@@ -60,9 +69,10 @@ async fn after_one_call_runs_long_a_plugin_yields_to_other_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_can_wait_is_called_on_a_fiber_and_its_wait_works() {
     let upstream = TestUpstream::start("main").await;
-    let manifest = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  sleepy: {{ source: \"{{plugins}}/sleepy_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: nap, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: sleepy, config: {{ ms: 5 }} }}] }}\n",
-        upstream.url()
+    let manifest = manifest(
+        &upstream,
+        "  sleepy: { source: \"{plugins}/sleepy_plugin.wasm\" }\n",
+        "  - { name: nap, match: { prefix: / }, upstream: main, plugins: [{ name: sleepy, config: { ms: 5 } }] }\n",
     );
     let gateway = wasmgate_tests::TestGateway::start(&manifest).await;
     for i in 0..3 {
@@ -81,9 +91,10 @@ async fn a_plugin_that_can_wait_is_called_on_a_fiber_and_its_wait_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recursing_plugin_traps_on_a_worker_whatever_rust_min_stack_says() {
     let upstream = TestUpstream::start("main").await;
-    let manifest = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  deep: {{ source: \"{{plugins}}/misbehave_plugin.wasm\", deadline: 2s }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: deep, match: {{ prefix: /deep }}, upstream: main, plugins: [{{ name: deep, config: {{ mode: recurse }} }}] }}\n  - {{ name: clean, match: {{ prefix: /clean }}, upstream: main }}\n",
-        upstream.url()
+    let manifest = manifest(
+        &upstream,
+        "  deep: { source: \"{plugins}/misbehave_plugin.wasm\", deadline: 2s }\n",
+        "  - { name: deep, match: { prefix: /deep }, upstream: main, plugins: [{ name: deep, config: { mode: recurse } }] }\n  - { name: clean, match: { prefix: /clean }, upstream: main }\n",
     );
     let gateway = CliGateway::start(
         env!("CARGO_BIN_EXE_wasmgate-cli"),
