@@ -26,7 +26,9 @@
 use std::collections::BTreeMap;
 
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, decode, decode_header};
+use jsonwebtoken::{
+    Algorithm, AlgorithmFamily, DecodingKey, Header, Validation, decode, decode_header,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use wasmgate_plugin_sdk::{Action, ImmediateResponse, Plugin, Request, export_plugin, properties};
@@ -271,6 +273,14 @@ pub struct Verifier {
     /// The checks for each allowed algorithm, built once: a `Validation` is a handful of hash
     /// sets, which cost more to build for every request than the claims cost to check.
     validations: Vec<(Algorithm, Validation)>,
+    /// Whether the route reads claims other than `sub` (to forward, require or demand them).
+    /// Only then is every claim of a token parsed into a map: for a small token that parse cost
+    /// about a sixth of the plugin's work per request (docs/performance.md, "Session 13").
+    reads_claims: bool,
+    /// With a single key, the checks for every allowed algorithm at once (all of its family,
+    /// which the configuration check ensures): the token's header is then parsed once, by
+    /// jsonwebtoken, rather than once to choose the key and again to verify.
+    one_key: Option<Validation>,
 }
 
 impl Verifier {
@@ -349,10 +359,22 @@ impl Verifier {
             .iter()
             .map(|&alg| (alg, validation(&config, alg)))
             .collect();
+        let require = &config.require;
+        let reads_claims = !(config.forward_claims.is_empty()
+            && config.required_claims.is_empty()
+            && require.scopes.is_empty()
+            && require.claims.is_empty());
+        let one_key = (keys.len() == 1).then(|| {
+            let mut checks = validation(&config, config.algorithms[0]);
+            checks.algorithms = config.algorithms.clone();
+            checks
+        });
         Ok(Verifier {
             config,
             keys,
             validations,
+            reads_claims,
+            one_key,
         })
     }
 
@@ -361,42 +383,27 @@ impl Verifier {
         &self.config
     }
 
-    /// Verifies a token and the route's requirements; returns the claims.
+    /// Verifies a token and the route's requirements; returns the claims the route reads: all
+    /// of them when its configuration names claims, else `sub` alone.
     pub fn verify(&self, token: &str) -> Result<Map<String, Value>, Refusal> {
         use Refusal::InvalidToken;
         // Checked before anything is decoded: a huge token costs nothing but this comparison.
         if token.len() > self.config.max_token_bytes {
             return Err(InvalidToken("too long"));
         }
-        let header = decode_header(token).map_err(|_| InvalidToken("malformed"))?;
-        // The allow-list decides, never the token (RFC 8725 section 3.1); `none` cannot even be
-        // named in the configuration.
-        if !self.config.algorithms.contains(&header.alg) {
-            return Err(InvalidToken("algorithm not allowed"));
-        }
-        let key = self.key_for(header.kid.as_deref(), header.alg)?;
-
-        let validation = self
-            .validations
-            .iter()
-            .find(|(alg, _)| *alg == header.alg)
-            .map(|(_, validation)| validation)
-            .ok_or(InvalidToken("algorithm not allowed"))?;
-
-        let data = decode::<Map<String, Value>>(token, key, validation).map_err(|err| {
-            use jsonwebtoken::errors::ErrorKind;
-            InvalidToken(match err.kind() {
-                ErrorKind::ExpiredSignature => "expired",
-                ErrorKind::ImmatureSignature => "not yet valid",
-                ErrorKind::InvalidIssuer => "wrong issuer",
-                ErrorKind::InvalidAudience => "wrong audience",
-                ErrorKind::MissingRequiredClaim(_) => "missing claim",
-                ErrorKind::InvalidSignature => "bad signature",
-                ErrorKind::InvalidAlgorithm => "algorithm does not fit the key",
-                _ => "malformed",
-            })
-        })?;
-        let claims = data.claims;
+        let claims = match &self.one_key {
+            // The usual case: jsonwebtoken reads the header as it verifies, and the token's
+            // `kid` is checked against the key after. A token refused this way is read again
+            // the long way, only to name the reason.
+            Some(validation) => match self.decode(token, &self.keys[0].key, validation) {
+                Ok((header, claims)) => {
+                    self.key_for(header.kid.as_deref(), header.alg)?;
+                    claims
+                }
+                Err(_) => self.verify_with_header(token)?,
+            },
+            None => self.verify_with_header(token)?,
+        };
         if self
             .config
             .required_claims
@@ -409,6 +416,55 @@ impl Verifier {
             return Err(Refusal::InsufficientScope);
         }
         Ok(claims)
+    }
+
+    /// Reads the token's header first, to choose the key by `kid` and the checks by `alg`,
+    /// then verifies.
+    fn verify_with_header(&self, token: &str) -> Result<Map<String, Value>, Refusal> {
+        use Refusal::InvalidToken;
+        let header = decode_header(token).map_err(|_| InvalidToken("malformed"))?;
+        // The allow-list decides, never the token (RFC 8725 section 3.1); `none` cannot even be
+        // named in the configuration.
+        if !self.config.algorithms.contains(&header.alg) {
+            return Err(InvalidToken("algorithm not allowed"));
+        }
+        let key = self.key_for(header.kid.as_deref(), header.alg)?;
+        let validation = self
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, validation)| validation)
+            .ok_or(InvalidToken("algorithm not allowed"))?;
+        let (_, claims) = self.decode(token, key, validation).map_err(|err| {
+            use jsonwebtoken::errors::ErrorKind;
+            InvalidToken(match err.kind() {
+                ErrorKind::ExpiredSignature => "expired",
+                ErrorKind::ImmatureSignature => "not yet valid",
+                ErrorKind::InvalidIssuer => "wrong issuer",
+                ErrorKind::InvalidAudience => "wrong audience",
+                ErrorKind::MissingRequiredClaim(_) => "missing claim",
+                ErrorKind::InvalidSignature => "bad signature",
+                ErrorKind::InvalidAlgorithm => "algorithm does not fit the key",
+                _ => "malformed",
+            })
+        })?;
+        Ok(claims)
+    }
+
+    /// jsonwebtoken's verification, with the claims the route reads.
+    fn decode(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        validation: &Validation,
+    ) -> jsonwebtoken::errors::Result<(Header, Map<String, Value>)> {
+        if self.reads_claims {
+            decode::<Map<String, Value>>(token, key, validation)
+                .map(|data| (data.header, data.claims))
+        } else {
+            decode::<Subject>(token, key, validation)
+                .map(|data| (data.header, data.claims.into_claims()))
+        }
     }
 
     /// The key for a token: the one with its `kid`, or, without a `kid`, the one key without a
@@ -450,6 +506,64 @@ impl Verifier {
                 Some(value) => value == wanted,
                 None => false,
             })
+    }
+}
+
+/// The claims of a token read for `sub` alone: every other value is skipped, not built. Like a
+/// map of the claims, it takes only a JSON object.
+struct Subject(Option<Value>);
+
+impl Subject {
+    fn into_claims(self) -> Map<String, Value> {
+        let mut claims = Map::new();
+        if let Some(sub) = self.0 {
+            claims.insert("sub".into(), sub);
+        }
+        claims
+    }
+}
+
+impl<'de> Deserialize<'de> for Subject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Subject, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+        /// A claim name, compared with `sub` where it lies in the JSON (no copy).
+        struct IsSub(bool);
+        impl<'de> Deserialize<'de> for IsSub {
+            fn deserialize<D: serde::Deserializer<'de>>(names: D) -> Result<IsSub, D::Error> {
+                struct Name;
+                impl Visitor<'_> for Name {
+                    type Value = IsSub;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a claim name")
+                    }
+                    fn visit_str<E>(self, name: &str) -> Result<IsSub, E> {
+                        Ok(IsSub(name == "sub"))
+                    }
+                }
+                names.deserialize_str(Name)
+            }
+        }
+
+        struct Claims;
+        impl<'de> Visitor<'de> for Claims {
+            type Value = Subject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut claims: A) -> Result<Subject, A::Error> {
+                let mut sub = None;
+                while let Some(IsSub(is_sub)) = claims.next_key()? {
+                    if is_sub {
+                        sub = Some(claims.next_value()?);
+                    } else {
+                        claims.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Subject(sub))
+            }
+        }
+        deserializer.deserialize_map(Claims)
     }
 }
 
@@ -728,6 +842,71 @@ mod tests {
             ))
             .unwrap();
         assert_eq!(claims["sub"], "alice");
+    }
+
+    #[test]
+    fn a_route_that_names_no_claims_gets_sub_alone_and_one_that_does_gets_all() {
+        let claims = serde_json::json!({ "sub": "alice", "tier": "gold", "exp": now() + 60 });
+        let v = verifier(serde_json::json!({})).unwrap();
+        let read = v.verify(&token(claims.clone())).unwrap();
+        assert_eq!(Value::Object(read), serde_json::json!({ "sub": "alice" }));
+        let v = verifier(serde_json::json!({ "forward_claims": { "tier": "x-tier" } })).unwrap();
+        let read = v.verify(&token(claims.clone())).unwrap();
+        assert_eq!(Value::Object(read), claims);
+
+        // Read for `sub` alone, claims still follow JSON: any value, a name written with an
+        // escape, and only an object. (A `sub` given twice jsonwebtoken refuses itself, as it
+        // reads the claims it checks: RFC 7519 section 4 allows either refusing or the last.)
+        let v = verifier(serde_json::json!({})).unwrap();
+        let read = v
+            .verify(&token(serde_json::json!({ "sub": 42, "exp": now() + 60 })))
+            .unwrap();
+        assert_eq!(read["sub"], 42);
+        let read = v
+            .verify(&token(serde_json::json!({ "exp": now() + 60 })))
+            .unwrap();
+        assert!(read.is_empty());
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        let header = jsonwebtoken::Header::new(Algorithm::HS256);
+        let exp = now() + 60;
+        let signed = |text: String| {
+            let raw = serde_json::value::RawValue::from_string(text).unwrap();
+            jsonwebtoken::encode(&header, &raw, &key).unwrap()
+        };
+        let escaped = signed(format!(r#"{{"s\u0075b":"c","exp":{exp}}}"#));
+        assert_eq!(v.verify(&escaped).unwrap()["sub"], "c");
+        let twice = signed(format!(r#"{{"sub":"a","exp":{exp},"sub":"b"}}"#));
+        assert_eq!(v.verify(&twice), Err(Refusal::InvalidToken("malformed")));
+        let array = token(serde_json::json!([exp, "alice"]));
+        assert_eq!(v.verify(&array), Err(Refusal::InvalidToken("malformed")));
+    }
+
+    #[test]
+    fn with_one_key_the_header_is_still_held_to_the_allow_list_and_the_kid() {
+        let claims = serde_json::json!({ "exp": now() + 60 });
+        let sign = |alg, kid: Option<&str>| {
+            let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+            let mut header = jsonwebtoken::Header::new(alg);
+            header.kid = kid.map(str::to_string);
+            jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        };
+        let v = verifier(serde_json::json!({})).unwrap();
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS384, None)),
+            Err(Refusal::InvalidToken("algorithm not allowed"))
+        );
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, Some("other"))),
+            Err(Refusal::InvalidToken("unknown kid"))
+        );
+        let keyed = serde_json::json!({ "keys": [{ "kid": "main", "secret": SECRET }] });
+        let v = verifier(keyed).unwrap();
+        assert!(v.verify(&sign(Algorithm::HS256, Some("main"))).is_ok());
+        assert!(v.verify(&sign(Algorithm::HS256, None)).is_ok());
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, Some("other"))),
+            Err(Refusal::InvalidToken("unknown kid"))
+        );
     }
 
     #[test]
