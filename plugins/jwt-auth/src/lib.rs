@@ -277,10 +277,9 @@ pub struct Verifier {
     /// Only then is every claim of a token parsed into a map: for a small token that parse cost
     /// about a sixth of the plugin's work per request (docs/performance.md, "Session 13").
     reads_claims: bool,
-    /// With a single key, the checks for every allowed algorithm at once (all of its family,
-    /// which the configuration check ensures): the token's header is then parsed once, by
-    /// jsonwebtoken, rather than once to choose the key and again to verify.
-    one_key: Option<Validation>,
+    /// With a single key and several algorithms, the checks for all of them at once (all of
+    /// the key's family, which the configuration check ensures). See [`Verifier::one_key`].
+    one_key_checks: Option<Validation>,
 }
 
 impl Verifier {
@@ -364,7 +363,8 @@ impl Verifier {
             && config.required_claims.is_empty()
             && require.scopes.is_empty()
             && require.claims.is_empty());
-        let one_key = (keys.len() == 1).then(|| {
+        // Built for every instance: with one algorithm, the checks of that algorithm serve.
+        let one_key_checks = (keys.len() == 1 && config.algorithms.len() > 1).then(|| {
             let mut checks = validation(&config, config.algorithms[0]);
             checks.algorithms = config.algorithms.clone();
             checks
@@ -374,8 +374,19 @@ impl Verifier {
             keys,
             validations,
             reads_claims,
-            one_key,
+            one_key_checks,
         })
+    }
+
+    /// With a single key, the checks for every allowed algorithm: the token's header is then
+    /// parsed once, by jsonwebtoken as it verifies, rather than once to choose the key and
+    /// again to verify.
+    fn one_key(&self) -> Option<&Validation> {
+        match (&self.keys[..], &self.one_key_checks) {
+            ([_], Some(checks)) => Some(checks),
+            ([_], None) => self.validations.first().map(|(_, checks)| checks),
+            _ => None,
+        }
     }
 
     /// The configuration.
@@ -391,7 +402,7 @@ impl Verifier {
         if token.len() > self.config.max_token_bytes {
             return Err(InvalidToken("too long"));
         }
-        let claims = match &self.one_key {
+        let claims = match self.one_key() {
             // The usual case: jsonwebtoken reads the header as it verifies, and the token's
             // `kid` is checked against the key after. A token refused this way is read again
             // the long way, only to name the reason.
@@ -898,6 +909,14 @@ mod tests {
         assert_eq!(
             v.verify(&sign(Algorithm::HS256, Some("other"))),
             Err(Refusal::InvalidToken("unknown kid"))
+        );
+        let both = serde_json::json!({ "algorithms": ["HS256", "HS384"] });
+        let v = verifier(both).unwrap();
+        assert!(v.verify(&sign(Algorithm::HS384, None)).is_ok());
+        assert!(v.verify(&sign(Algorithm::HS256, None)).is_ok());
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS512, None)),
+            Err(Refusal::InvalidToken("algorithm not allowed"))
         );
         let keyed = serde_json::json!({ "keys": [{ "kid": "main", "secret": SECRET }] });
         let v = verifier(keyed).unwrap();
