@@ -462,6 +462,7 @@ def main():
 
         connection_counts = [1, 32]
         results = {(t.name, c): [] for t in targets for c in connection_counts}
+        cpu_before = cpu_times()
         for round in range(args.rounds):
             for connections in connection_counts:
                 for target in targets:
@@ -489,8 +490,9 @@ def main():
             half = {"rate": rate, "p99": {n: statistics.median(r["p99_ms"] for r in rs) for n, rs in runs.items()},
                     "p50": {n: statistics.median(r["p50_ms"] for r in rs) for n, rs in runs.items()}}
 
+        steal = steal_share(cpu_before, cpu_times())
         memory = measure_memory(dir, up_port, args.memory_requests, key_header)
-        table = render(targets, connection_counts, results, args, memory, half)
+        table = render(targets, connection_counts, results, args, memory, half, steal)
         print(table)
         if not args.smoke and not args.only and not args.baseline:
             write_docs(table)
@@ -531,22 +533,41 @@ def measure_memory(dir, up_port, total, headers):
         target.stop()
 
 
-def render(targets, connection_counts, results, args, memory, half):
+def cpu_times():
+    """The machine's CPU time counters (the `cpu` line of /proc/stat), in ticks."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:]]
+
+
+def steal_share(before, after):
+    """The share of CPU time the hypervisor gave to others between two readings (steal is the
+    8th field): on a shared virtual machine the main source of run-to-run differences."""
+    delta = [b - a for a, b in zip(before, after)]
+    return delta[7] / max(sum(delta), 1) if len(delta) > 7 else None
+
+
+def render(targets, connection_counts, results, args, memory, half, steal=None):
     def median(name, c, key):
         return statistics.median(r[key] for r in results[(name, c)])
 
+    def spread(name, c):
+        """How far apart the rounds of one target were: highest req/s over lowest, as a percentage."""
+        rps = [r["rps"] for r in results[(name, c)]]
+        return (max(rps) / max(min(rps), 1) - 1) * 100
+
     rows = []
-    header = ("| target | conns | req/s (median) | p50 ms | p99 ms | proxy CPU µs/req | vs nginx | vs nginx+Lua "
-              "| vs bare wasmgate | vs direct |")
+    header = ("| target | conns | req/s (median) | rounds spread | p50 ms | p99 ms | proxy CPU µs/req | vs nginx "
+              "| vs nginx+Lua | vs bare wasmgate | vs direct |")
     rows.append(header)
-    rows.append("|" + " --- |" * 10)
+    rows.append("|" + " --- |" * 11)
     for c in connection_counts:
         base = {n: median(n, c, "rps") for n in ("nginx", "nginx+lua policies", "wasmgate", "direct (upstream)")}
         for t in targets:
             rps = median(t.name, c, "rps")
             cpu = "" if t.name.startswith("direct") else f"{median(t.name, c, 'cpu_us'):.1f}"
             rows.append(
-                f"| {t.name} | {c} | {rps:,.0f} | {median(t.name, c, 'p50'):.3f} | {median(t.name, c, 'p99'):.3f} "
+                f"| {t.name} | {c} | {rps:,.0f} | {spread(t.name, c):.0f} % | {median(t.name, c, 'p50'):.3f} "
+                f"| {median(t.name, c, 'p99'):.3f} "
                 f"| {cpu} | {rps / base['nginx']:.2f} | {rps / base['nginx+lua policies']:.2f} "
                 f"| {rps / base['wasmgate']:.2f} | {rps / base['direct (upstream)']:.2f} |"
             )
@@ -562,7 +583,12 @@ def render(targets, connection_counts, results, args, memory, half):
         "both ways, JSON access log line per request to a file. jwt: HS256 verify (+ iss, exp), same rewrite, "
         "JSON log (nginx+njs: njs verifies, native nginx rewrites and logs). hyper floor: bench/hyper-floor, "
         "wasmgate's HTTP stack alone (hyper-util auto server + legacy pooled client, one current-thread "
-        "runtime, nothing else), to tell wasmgate's own cost from its stack's.",
+        "runtime, nothing else), to tell wasmgate's own cost from its stack's. Rounds spread: a target's "
+        "highest req/s over its lowest across the rounds; where it is larger than a ratio's distance from "
+        "1.0, that ratio is noise."
+        + ("" if steal is None else
+           f" CPU steal during the rounds (time the hypervisor gave to other guests, from /proc/stat): "
+           f"{steal * 100:.1f} % of all CPU time."),
         "",
         *rows,
         "",
