@@ -109,6 +109,7 @@ routes:
     upstream: main
     plugins:
       - {{ name: jwt-auth, config: {{ algorithms: [HS256], keys: [{{ secret: "{SECRET}" }}], token: {{ cookie: session }} }} }}
+      - {{ name: probe, config: {{ tag: after, property_to_header: {{ subject: x-subject }} }} }}
   - name: query
     match: {{ prefix: /query }}
     upstream: main
@@ -447,6 +448,8 @@ async fn jwks_kid_selection_strip_and_other_token_sources() {
         .body(Full::default())
         .unwrap();
     assert_eq!(gateway.send(cookie).await.status, StatusCode::OK);
+    // A route that names no claims reads `sub` alone, and still sets the subject.
+    assert_eq!(upstream.last().headers["x-subject"], "bob");
     let no_cookie = Request::get("/cookie")
         .header("cookie", "theme=dark")
         .body(Full::default())
