@@ -268,6 +268,21 @@ class Target:
         self.proc = subprocess.Popen(["taskset", "-c", "0", *self.argv], stdout=log, stderr=log, env=env,
                                      start_new_session=True)
         wait_port(self.port, self.proc, self.name, limit=limit, log=self.log)
+        self.wait_images(limit)
+
+    def wait_images(self, limit):
+        """A wasmgate with per-request plugins makes their pre-initialised images in the
+        background after it starts listening; measuring before they are made would count the
+        slower path and the making itself. Waits for them, when the log says they are coming."""
+        if not self.log:
+            return
+        deadline = time.time() + limit
+        while "plugin images: making" in Path(self.log).read_text(errors="replace"):
+            if "plugin images settled" in Path(self.log).read_text(errors="replace"):
+                return
+            if time.time() > deadline:
+                sys.exit(f"{self.name}: plugin images not made within {limit} s")
+            time.sleep(0.1)
 
     def pids(self):
         pids = [self.proc.pid]

@@ -163,7 +163,8 @@ impl Gateway {
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
-        snapshot.activate();
+        let runtime = Arc::new(runtime);
+        snapshot.activate(&runtime);
         let listener_specs = snapshot.listeners.clone();
         let admin_spec = snapshot.admin.clone();
         let reload_spec = snapshot.reload.clone();
@@ -171,7 +172,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             certificates,
             snapshot: ArcSwap::from_pointee(snapshot),
-            runtime: Arc::new(runtime),
+            runtime,
             services,
             manifest_path: manifest_path.to_path_buf(),
             listeners: listener_specs.clone(),
@@ -564,7 +565,7 @@ impl Shared {
                 };
                 let snapshot = Arc::new(snapshot);
                 snapshot.inherit_health(&self.snapshot.load());
-                snapshot.activate();
+                snapshot.activate(&self.runtime);
                 self.snapshot.store(snapshot);
                 tracing::info!(
                     sha256 = %report.manifest_digest,

@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
 use crate::runtime::{
     CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget, PluginError,
-    Runtime,
+    PreinitJob, PreinitSlot, Runtime,
 };
 use crate::upstream::Upstream;
 
@@ -75,12 +75,17 @@ pub struct ChainLink {
     /// loaded. A request takes an instance only for these phases, and gives it back after the
     /// last one.
     pub phases: Phases,
+    /// The plugin pre-initialised with this configuration, for a fresh instance per request
+    /// without `configure` (`isolation: per-request`; made in the background after the load).
+    pub preinit: Option<Arc<PreinitSlot>>,
 }
 
 impl ChainLink {
-    /// An instance for one request: from the pool, or started and configured now.
+    /// An instance for one request: from the pool, or started now, from the pre-initialised
+    /// image once it is ready, configured for the request until then.
     pub async fn acquire(&self) -> Result<Lease, PluginError> {
-        Lease::acquire(&self.plugin, &self.config, self.pool.as_ref()).await
+        let image = self.preinit.as_deref().and_then(PreinitSlot::image);
+        Lease::acquire(&self.plugin, &self.config, self.pool.as_ref(), image).await
     }
 
     /// The instance for a later phase: the one held since an earlier phase of the request, or
@@ -128,6 +133,9 @@ pub struct Snapshot {
     /// Proxies whose forwarding headers are believed.
     pub trusted_proxies: TrustedProxies,
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// The images this load found neither made nor being made, until
+    /// [`Snapshot::preinitialize`] hands them to a background thread.
+    preinit_jobs: std::sync::Mutex<Vec<PreinitJob>>,
     upstreams: Vec<Arc<Upstream>>,
     routes: Vec<Route>,
     router: Router,
@@ -216,6 +224,7 @@ impl Snapshot {
 
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut router = RouterBuilder::default();
+        let mut preinit_jobs = Vec::new();
         for spanned in &spec.routes {
             let route = &spanned.value;
             let line = spanned.referenced.line();
@@ -265,8 +274,10 @@ impl Snapshot {
                 // which phases it wants. (Not kept for a pool: it would hold one of the plugin's
                 // instance slots while the other routes using the plugin are checked.)
                 let mut phases = Phases::default();
+                let mut configured = false;
                 match plugin.instantiate(&config).await {
                     Ok(instance) => {
+                        configured = true;
                         if instance.is_auth() && used.value.on_failure == FailurePolicy::FailOpen {
                             warnings.push(ManifestError {
                                 message: "an auth plugin is set to fail open: when it fails, requests pass unchecked".into(),
@@ -280,12 +291,23 @@ impl Snapshot {
                         ..here()
                     }),
                 }
+                // Per-request uses get an image, made after the load (`preinitialize`); a
+                // config the plugin refused gets none (the load fails anyway).
+                let preinit = match (configured, &pool, session.source(plugin)) {
+                    (true, None, Some(bytes)) => {
+                        let (slot, job) = runtime.preinit_slot(plugin, &config, bytes, &route.name);
+                        preinit_jobs.extend(job);
+                        Some(slot)
+                    }
+                    _ => None,
+                };
                 chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),
                     config,
                     on_failure: used.value.on_failure,
                     pool,
                     phases,
+                    preinit,
                 }));
             }
             let Some(upstream) = upstreams.get(route.upstream.as_str()) else {
@@ -324,6 +346,7 @@ impl Snapshot {
             services: services.clone(),
             trusted_proxies,
             plugins,
+            preinit_jobs: std::sync::Mutex::new(preinit_jobs),
             upstreams: upstreams.into_values().collect(),
             routes,
             router: router.build(),
@@ -331,12 +354,20 @@ impl Snapshot {
     }
 
     /// Starts what runs beside requests while this snapshot is served: the upstreams' active
-    /// health checks. Call on the serving runtime once the snapshot is swapped in; the checks
-    /// end when the snapshot is dropped.
-    pub fn activate(&self) {
+    /// health checks, and the making of its plugins' pre-initialised images. Call on the
+    /// serving runtime once the snapshot is swapped in; the checks end when the snapshot is
+    /// dropped, and so do images not yet begun.
+    pub fn activate(&self, runtime: &Arc<Runtime>) {
         for upstream in &self.upstreams {
             upstream.start_health_checks();
         }
+        let jobs = std::mem::take(
+            &mut *self
+                .preinit_jobs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        runtime.preinitialize_in_background(jobs);
     }
 
     /// Takes over the health the previous snapshot learnt of the upstreams and targets both
@@ -347,6 +378,17 @@ impl Snapshot {
                 upstream.inherit_health(old);
             }
         }
+    }
+
+    /// Every per-request plugin use's pre-initialised image slot, with its route and plugin
+    /// names.
+    pub fn preinit_slots(&self) -> impl Iterator<Item = (&str, &str, &Arc<PreinitSlot>)> {
+        self.routes.iter().flat_map(|route| {
+            route.chain.iter().filter_map(|link| {
+                let slot = link.preinit.as_ref()?;
+                Some((&*route.name, link.plugin.name(), slot))
+            })
+        })
     }
 
     /// An upstream by name.

@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the per-request hot path: one plugin invocation as the proxy makes it
-//! (a fresh instance, `configure`, a request phase that reads two headers and sets one, then
-//! release), its parts, and route matching among 1,000 routes.
+//! (a fresh instance, configured or started from the use's pre-initialised image, a request
+//! phase that reads two headers and sets one, then release), its parts, and route matching among
+//! 1,000 routes.
 //!
 //! Run with `cargo bench -p wasmgate-tests --bench hot_path`.
 
@@ -88,6 +89,30 @@ fn plugin_invocation(c: &mut Criterion) {
     group.bench_function("fresh instance + configure", |b| {
         b.iter(|| tokio.block_on(async { plugin.instantiate("null").await.unwrap() }))
     });
+    // isolation: per-request, as the proxy serves it once the use's image is made: a fresh
+    // instance that starts configured.
+    let bytes = std::fs::read(wasmgate_tests::plugin("bench_plugin")).unwrap();
+    let image = tokio
+        .block_on(runtime.preinitialize(&plugin, &bytes, "null"))
+        .unwrap();
+    group.bench_function(
+        "fresh instance from the pre-initialised image + on_request (per request)",
+        |b| {
+            b.iter(|| {
+                tokio.block_on(async {
+                    let mut instance = plugin.instantiate_preinitialized(&image).await.unwrap();
+                    let (exchange, decision) = instance.on_request(exchange()).await;
+                    assert!(matches!(decision, Ok(Decision::Continue)));
+                    exchange
+                })
+            })
+        },
+    );
+    group.bench_function("fresh instance from the pre-initialised image", |b| {
+        b.iter(|| {
+            tokio.block_on(async { plugin.instantiate_preinitialized(&image).await.unwrap() })
+        })
+    });
     let mut warm = tokio.block_on(plugin.instantiate("null")).unwrap();
     group.bench_function("on_request on a live instance (2 reads, 1 write)", |b| {
         b.iter(|| {
@@ -117,7 +142,9 @@ fn plugin_invocation(c: &mut Criterion) {
     group.bench_function("pooled: acquire + on_request + release", |b| {
         b.iter(|| {
             tokio.block_on(async {
-                let mut lease = Lease::acquire(&plugin, "null", Some(&pool)).await.unwrap();
+                let mut lease = Lease::acquire(&plugin, "null", Some(&pool), None)
+                    .await
+                    .unwrap();
                 let (exchange, decision) = lease.on_request(exchange()).await;
                 assert!(matches!(decision, Ok(Decision::Continue)));
                 exchange
@@ -176,7 +203,9 @@ fn three_plugin_chain(c: &mut Criterion) {
         ));
         let mut leases = Vec::with_capacity(3);
         for ((plugin, config), pool) in chain.iter().zip(&pools) {
-            let mut lease = Lease::acquire(plugin, config, Some(pool)).await.unwrap();
+            let mut lease = Lease::acquire(plugin, config, Some(pool), None)
+                .await
+                .unwrap();
             // As the proxy does: only the phases a plugin asks for are called.
             if !lease.phases().request {
                 leases.push(lease);

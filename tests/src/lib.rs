@@ -422,6 +422,27 @@ impl TestGateway {
             .get(kind)
     }
 
+    /// Waits until every per-request plugin use of the snapshot being served has its
+    /// pre-initialised image made or refused, and returns how many were made.
+    pub async fn preinitialized(&self) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let snapshot = self.gateway().snapshot();
+            let slots: Vec<_> = snapshot.preinit_slots().collect();
+            if slots.iter().all(|(_, _, slot)| slot.settled()) {
+                return slots
+                    .iter()
+                    .filter(|(_, _, slot)| slot.image().is_some())
+                    .count();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "plugin images still pending after 120 s: {slots:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends a request to the gateway.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> TestResponse {
         send(self.addr, request).await

@@ -288,6 +288,9 @@ fn resident_bytes() -> u64 {
 async fn memory_does_not_grow_across_thousands_of_failing_requests() {
     let upstream = TestUpstream::start("main").await;
     let gateway = TestGateway::start(&manifest(&upstream)).await;
+    // The pre-initialised images are the load's memory, made in the background: wait for them,
+    // so that the requests below start from them.
+    gateway.preinitialized().await;
     let modes = ["grow", "panic", "recurse", "header-crlf", "many-headers"];
     let round = |n: usize| {
         let gateway = &gateway;

@@ -1,7 +1,8 @@
 //! `isolation: pooled`: configured instances are reused between requests, and an instance whose
 //! call failed never is. (The default, a fresh instance per request, is shown in budgets.rs:
-//! a secret stashed in a global never reaches another request.) And what a fresh instance
-//! costs the kernel: its slot's memory is reset in place, not faulted in again.
+//! a secret stashed in a global never reaches another request.) What a fresh instance costs the
+//! kernel: its slot's memory is reset in place, not faulted in again. And pre-initialised images:
+//! a fresh instance starts configured, still apart from every other request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,4 +156,113 @@ fn a_fresh_instance_takes_its_slot_without_faulting_its_memory_in_again() {
         faults < INSTANCES,
         "{faults} page faults for {INSTANCES} fresh instances: slot memory is faulted in again"
     );
+}
+
+/// A manifest of per-request plugin uses: a probe that stamps when it was configured on `/a`
+/// (tag `a_tag`) and `/b` (tag `b_tag`), and the stash on `/stash`.
+fn preinit_manifest(upstream: &TestUpstream, a_tag: &str, b_tag: &str) -> String {
+    format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: a, match: {{ prefix: /a }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {a_tag}, stamp: true }} }}] }}\n  - {{ name: b, match: {{ prefix: /b }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {b_tag}, stamp: true }} }}] }}\n  - {{ name: stash, match: {{ prefix: /stash }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
+        upstream.url()
+    )
+}
+
+/// The time the instance that served `path` was configured, as the probe sent it on.
+async fn configured_at(gateway: &TestGateway, upstream: &TestUpstream, path: &str) -> String {
+    let response = gateway.get("x", path).await;
+    assert_eq!(response.status, StatusCode::OK, "{path}");
+    let seen = upstream.last();
+    assert!(seen.uri.starts_with(path));
+    seen.headers["x-configured-at"].to_str().unwrap().to_owned()
+}
+
+/// Once a per-request use's image is made, each request's instance starts from it: `configure`
+/// ran once, at load, not per request (the probe's stamp is the same for every request; without
+/// images it differs each time). The instance is still fresh: the stash's global from one
+/// request never reaches the next.
+#[tokio::test]
+async fn a_per_request_instance_starts_from_the_configured_image_and_is_still_fresh() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&preinit_manifest(&upstream, "a", "b")).await;
+    assert_eq!(gateway.preinitialized().await, 3, "an image per plugin use");
+
+    let first = configured_at(&gateway, &upstream, "/a").await;
+    for _ in 0..4 {
+        assert_eq!(configured_at(&gateway, &upstream, "/a").await, first);
+    }
+    assert_ne!(
+        configured_at(&gateway, &upstream, "/b").await,
+        first,
+        "each use has its own image, configured on its own"
+    );
+    // The image holds the route's config: the probe marks its passage with its tag.
+    assert_eq!(gateway.get("x", "/b").await.status, StatusCode::OK);
+    assert_eq!(upstream.last().headers["x-chain"], "b");
+
+    for token in ["Bearer one", "Bearer two", "Bearer three"] {
+        let response = gateway
+            .send(
+                Request::get("/stash")
+                    .header("authorization", token)
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert!(
+            !upstream.last().headers.contains_key("x-stolen"),
+            "a request saw what an earlier one left in a global"
+        );
+    }
+}
+
+/// A plugin that still holds a host resource when `configure` returns (the standard library's
+/// stderr stream, opened by a write) gets no image: in a new instance the handle would point at
+/// nothing and its next write would trap. Its requests configure an instance each, as before.
+#[tokio::test]
+async fn a_plugin_holding_a_host_resource_after_configure_is_configured_per_request() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  chatty: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: chatty, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: chatty, config: {{ mode: stderr }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&manifest).await;
+    assert_eq!(gateway.preinitialized().await, 0, "no image for it");
+    for _ in 0..3 {
+        assert_eq!(gateway.get("x", "/").await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        gateway.failures("chatty", wasmgate::runtime::FailureKind::Trap),
+        0
+    );
+}
+
+/// A reload keeps the image of a use whose plugin and config did not change (not made again:
+/// the same instances' stamp), and makes a new one for a use whose config did.
+#[tokio::test]
+async fn a_reload_keeps_the_image_of_an_unchanged_use_and_remakes_a_changed_one() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&preinit_manifest(&upstream, "a", "b")).await;
+    assert_eq!(gateway.preinitialized().await, 3);
+    let slots = |gateway: &TestGateway| -> Vec<(String, Arc<wasmgate::runtime::PreinitSlot>)> {
+        let snapshot = gateway.gateway().snapshot();
+        snapshot
+            .preinit_slots()
+            .map(|(route, _, slot)| (route.to_owned(), slot.clone()))
+            .collect()
+    };
+    let before = slots(&gateway);
+    let a_before = configured_at(&gateway, &upstream, "/a").await;
+    let b_before = configured_at(&gateway, &upstream, "/b").await;
+
+    wasmgate_tests::write_manifest(gateway.dir.path(), &preinit_manifest(&upstream, "a", "c"));
+    gateway.gateway().reload().await.unwrap();
+    let after = slots(&gateway);
+    for ((route, old), (_, new)) in before.iter().zip(&after) {
+        assert_eq!(Arc::ptr_eq(old, new), route != "b", "route {route}");
+    }
+    assert_eq!(gateway.preinitialized().await, 3);
+    assert_eq!(configured_at(&gateway, &upstream, "/a").await, a_before);
+    assert_ne!(configured_at(&gateway, &upstream, "/b").await, b_before);
+    assert_eq!(upstream.last().headers["x-chain"], "c");
 }

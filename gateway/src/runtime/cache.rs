@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -79,11 +79,19 @@ pub struct CacheStats {
 pub struct LoadSession {
     pub(super) used: HashMap<WasmDigest, Component>,
     pub(super) disk: Option<PathBuf>,
+    /// The bytes of every component this load read, for its pre-initialisation jobs; let go
+    /// with the session.
+    pub(super) sources: HashMap<WasmDigest, Arc<[u8]>>,
     /// Where this load's components came from.
     pub stats: CacheStats,
 }
 
 impl LoadSession {
+    /// The bytes this load read for `plugin`'s component.
+    pub fn source(&self, plugin: &super::LoadedPlugin) -> Option<&Arc<[u8]>> {
+        self.sources.get(&plugin.digest)
+    }
+
     /// A load that reads and writes compiled plugins in `dir` when it is given.
     pub fn new(disk: Option<PathBuf>) -> LoadSession {
         LoadSession {

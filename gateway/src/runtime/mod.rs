@@ -17,6 +17,7 @@ pub mod budget;
 pub mod cache;
 pub mod exchange;
 mod host;
+mod preinit;
 mod sync_io;
 pub use host::PLUGIN_LOG_TARGET;
 
@@ -45,6 +46,7 @@ use self::budget::Limiter;
 pub use self::budget::{FailureCounters, FailureKind, PluginBudget, PluginError};
 pub use self::cache::{CacheStats, LoadSession, WasmDigest};
 pub use self::exchange::{Exchange, Phase};
+pub use self::preinit::{PreinitJob, PreinitSlot, Preinitialized};
 
 /// How often the epoch advances: the granularity of plugin deadlines, and how long a plugin call
 /// runs before it yields to other requests.
@@ -142,6 +144,10 @@ pub struct Runtime {
     /// the plugins whose calls can skip the fiber.
     plain_linker: Linker<PluginState>,
     compiled: cache::MemoryCache,
+    /// Pre-initialised images of the plugin uses being served ([`preinit`]).
+    images: preinit::Registry,
+    /// Compiled functions, kept while images are being made.
+    functions: Arc<preinit::FunctionCache>,
     ticker: EpochTicker,
     reset_in_place: bool,
 }
@@ -181,7 +187,9 @@ impl Runtime {
                 .pagemap_scan(wasmtime::Enabled::Yes);
         }
 
+        let functions = Arc::new(preinit::FunctionCache::default());
         let mut config = Config::new();
+        config.enable_incremental_compilation(functions.clone())?;
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
@@ -207,6 +215,8 @@ impl Runtime {
             linker,
             plain_linker,
             compiled: cache::MemoryCache::default(),
+            images: preinit::Registry::default(),
+            functions,
             ticker,
             reset_in_place,
         })
@@ -252,6 +262,12 @@ impl Runtime {
         if !bytes.starts_with(b"\0asm") {
             return Err(format!("`{shown}` is not WebAssembly (no `\\0asm` header)"));
         }
+        // Kept for the load's pre-initialisation jobs, which need the very bytes checked here.
+        let bytes = session
+            .sources
+            .entry(digest)
+            .or_insert_with(|| Arc::from(bytes))
+            .clone();
         let component = self
             .component(&bytes, digest, session)
             .map_err(|err| format!("`{shown}` is not a valid WebAssembly component: {err:#}"))?;
@@ -288,12 +304,13 @@ impl Runtime {
         };
         Ok(LoadedPlugin {
             name: Arc::from(name),
+            digest,
             engine: self.engine.clone(),
             pre,
             calls: Arc::new(CallMode {
                 fiber,
                 plain,
-                slow: AtomicBool::new(false),
+                slow: Arc::new(AtomicBool::new(false)),
             }),
             budget,
             live: Arc::new(AtomicU32::new(0)),
@@ -367,6 +384,8 @@ impl Runtime {
 /// A compiled, pre-instantiated plugin, shared by every route that uses it.
 pub struct LoadedPlugin {
     name: Arc<str>,
+    /// The SHA-256 of the component's bytes.
+    digest: WasmDigest,
     engine: Engine,
     pre: InstancePre<PluginState>,
     calls: Arc<CallMode>,
@@ -395,8 +414,9 @@ struct CallMode {
     fiber: PluginWorldIndices,
     /// The exports, for plain calls; `None` when the plugin imports something that may wait.
     plain: Option<SyncPluginWorldIndices>,
-    /// Set when a plain call ran through too many epoch ticks.
-    slow: AtomicBool,
+    /// Set when a plain call ran through too many epoch ticks. Shared by the plugin and its
+    /// pre-initialised images: the same code is as slow in either.
+    slow: Arc<AtomicBool>,
 }
 
 impl CallMode {
@@ -466,70 +486,7 @@ impl LoadedPlugin {
     /// Starts an instance and configures it for one route. Fails fast with
     /// [`FailureKind::Overloaded`] when the plugin's instance cap is reached.
     pub async fn instantiate(&self, config: &str) -> Result<PluginInstance, PluginError> {
-        let slot =
-            InstanceSlot::take(&self.live, self.budget.instances).ok_or_else(|| PluginError {
-                kind: FailureKind::Overloaded,
-                phase: Phase::Configure,
-                detail: format!("{} instances already running", self.budget.instances),
-            })?;
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let plain = self.calls.plain();
-        let state = PluginState {
-            call_mode: self.calls.clone(),
-            on_fiber: !plain,
-            exchange: None,
-            phase: Phase::Configure,
-            plugin: self.name.clone(),
-            budget: self.budget,
-            calls: 0,
-            ran: Duration::ZERO,
-            plain_ticks: 0,
-            running_since: Instant::now(),
-            resumed_at: None,
-            failure: None,
-            prepared: Vec::new(),
-            limiter: Limiter {
-                memory: self.budget.memory as usize,
-                breached: false,
-            },
-            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
-            table: ResourceTable::new(),
-            stderr,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_callback(on_epoch_tick);
-        store.set_epoch_deadline(1);
-        // Start-up code runs here: the deadline must be enforceable already.
-        let ticking = Ticking::start(&self.ticker);
-        let instantiated = match plain {
-            true => self.pre.instantiate(&mut store),
-            false => self.pre.instantiate_async(&mut store).await,
-        };
-        drop(ticking);
-        let exports = instantiated.and_then(|instance| {
-            let (plain, fiber) = match (plain, &self.calls.plain) {
-                (true, Some(indices)) => (Some(indices.load(&mut store, &instance)?), None),
-                _ => (None, Some(self.calls.fiber.load(&mut store, &instance)?)),
-            };
-            Ok((instance, plain, fiber))
-        });
-        let (component, plain, fiber) = match exports {
-            Ok(exports) => exports,
-            Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
-        };
-        let mut instance = PluginInstance {
-            store,
-            component,
-            plain,
-            fiber,
-            poisoned: false,
-            in_call: None,
-            ticker: self.ticker.clone(),
-            auth: false,
-            phases: Phases::default(),
-            _slot: slot,
-        };
+        let mut instance = self.start(&self.pre, &self.calls).await?;
         instance.begin(Phase::Configure)?;
         let outcome = call_export!(instance, call_configure, config);
         match instance.finish(Phase::Configure, outcome)? {
@@ -555,6 +512,98 @@ impl LoadedPlugin {
                 detail: message,
             }),
         }
+    }
+
+    /// Starts an instance of the plugin's pre-initialised `image`: configured already, with no
+    /// call made. Counts against the plugin's instance cap like any other.
+    pub async fn instantiate_preinitialized(
+        &self,
+        image: &Preinitialized,
+    ) -> Result<PluginInstance, PluginError> {
+        let mut instance = self.start(&image.pre, &image.calls).await?;
+        instance.auth = image.auth;
+        instance.phases = image.phases;
+        Ok(instance)
+    }
+
+    /// A store for one instance, with the plugin's budget and a fresh WASI context.
+    fn new_store(&self, calls: Arc<CallMode>, plain: bool) -> Store<PluginState> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let state = PluginState {
+            call_mode: calls,
+            on_fiber: !plain,
+            exchange: None,
+            phase: Phase::Configure,
+            plugin: self.name.clone(),
+            budget: self.budget,
+            calls: 0,
+            ran: Duration::ZERO,
+            plain_ticks: 0,
+            running_since: Instant::now(),
+            resumed_at: None,
+            failure: None,
+            prepared: Vec::new(),
+            limiter: Limiter {
+                memory: self.budget.memory as usize,
+                breached: false,
+            },
+            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
+            table: ResourceTable::new(),
+            stderr,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(on_epoch_tick);
+        store.set_epoch_deadline(1);
+        store
+    }
+
+    /// Instantiates `pre` (the plugin's component, or an image of it) in a new store, not yet
+    /// configured. Fails fast with [`FailureKind::Overloaded`] when the plugin's instance cap is
+    /// reached.
+    async fn start(
+        &self,
+        pre: &InstancePre<PluginState>,
+        calls: &Arc<CallMode>,
+    ) -> Result<PluginInstance, PluginError> {
+        let slot =
+            InstanceSlot::take(&self.live, self.budget.instances).ok_or_else(|| PluginError {
+                kind: FailureKind::Overloaded,
+                phase: Phase::Configure,
+                detail: format!("{} instances already running", self.budget.instances),
+            })?;
+        let plain = calls.plain();
+        let mut store = self.new_store(calls.clone(), plain);
+        // Start-up code runs here: the deadline must be enforceable already.
+        let ticking = Ticking::start(&self.ticker);
+        let instantiated = match plain {
+            true => pre.instantiate(&mut store),
+            false => pre.instantiate_async(&mut store).await,
+        };
+        drop(ticking);
+        let exports = instantiated.and_then(|instance| {
+            let (plain, fiber) = match (plain, &calls.plain) {
+                (true, Some(indices)) => (Some(indices.load(&mut store, &instance)?), None),
+                _ => (None, Some(calls.fiber.load(&mut store, &instance)?)),
+            };
+            Ok((instance, plain, fiber))
+        });
+        let (component, plain, fiber) = match exports {
+            Ok(exports) => exports,
+            Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
+        };
+        Ok(PluginInstance {
+            store,
+            component,
+            plain,
+            fiber,
+            poisoned: false,
+            in_call: None,
+            ticker: self.ticker.clone(),
+            auth: false,
+            phases: Phases::default(),
+            _slot: slot,
+        })
     }
 }
 
@@ -760,11 +809,13 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Takes an idle instance from `pool`, or starts and configures a new one.
+    /// Takes an idle instance from `pool`, or starts a new one: from the pre-initialised
+    /// `image` when there is one, or configured with `config` now.
     pub async fn acquire(
         plugin: &LoadedPlugin,
         config: &str,
         pool: Option<&Arc<InstancePool>>,
+        image: Option<&Preinitialized>,
     ) -> Result<Lease, PluginError> {
         if let Some(pool) = pool {
             // Bind first: the guard must be gone before the `await` below.
@@ -776,7 +827,10 @@ impl Lease {
                 });
             }
         }
-        let instance = plugin.instantiate(config).await?;
+        let instance = match image {
+            Some(image) => plugin.instantiate_preinitialized(image).await?,
+            None => plugin.instantiate(config).await?,
+        };
         Ok(Lease {
             instance: Some(instance),
             pool: pool.cloned(),
