@@ -238,6 +238,87 @@ fn three_plugin_chain(c: &mut Criterion) {
     );
 }
 
+/// A fresh instance per request of each bundled plugin of the benchmark chains, with its
+/// benchmark configuration: configured per request, and started from the use's pre-initialised
+/// image (what `isolation: per-request` serves once the image is made).
+fn bundled_fresh_instances(c: &mut Criterion) {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runtime = Runtime::new().unwrap();
+    let metrics = Metrics::new();
+    let key_sha256 = "b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7";
+    let key_config = format!(r#"{{"keys":[{{"consumer":"bench","sha256":"{key_sha256}"}}]}}"#);
+    let rewrite_config = r#"{"request":{"set":{"x-gateway":"wasmgate"}},"response":{"set":{"x-served-by":"wasmgate"}}}"#;
+    let secret = "0123456789abcdef0123456789abcdef-bench";
+    let jwt_config = format!(
+        r#"{{"algorithms":["HS256"],"keys":[{{"secret":"{secret}"}}],"issuers":["bench"]}}"#
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "bench", "iss": "bench", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (parts, ()) = http::Request::get("/users/42")
+        .header("x-api-key", "bench-key")
+        .header("authorization", format!("Bearer {token}"))
+        .header("user-agent", "bench")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let client = Arc::new(ClientAddr::new("127.0.0.1:50000".parse().unwrap()));
+    let route: Arc<str> = Arc::from("bench");
+    let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+    let exchange = || {
+        Box::new(Exchange::new(
+            parts.clone(),
+            client.clone(),
+            route.clone(),
+            id.clone(),
+        ))
+    };
+    for (stem, config) in [
+        ("api_key", key_config.as_str()),
+        ("header_rewrite", rewrite_config),
+        ("jwt_auth", jwt_config.as_str()),
+    ] {
+        let plugin = load(&runtime, &metrics, stem, stem);
+        let bytes = std::fs::read(wasmgate_tests::plugin(stem)).unwrap();
+        let image = tokio
+            .block_on(runtime.preinitialize(&plugin, &bytes, config))
+            .unwrap();
+        let mut group = c.benchmark_group(format!("fresh/{stem}"));
+        group.bench_function("instance + configure + on_request", |b| {
+            b.iter(|| {
+                tokio.block_on(async {
+                    let mut instance = plugin.instantiate(config).await.unwrap();
+                    let (exchange, decision) = instance.on_request(exchange()).await;
+                    assert!(matches!(decision, Ok(Decision::Continue)), "{decision:?}");
+                    exchange
+                })
+            })
+        });
+        group.bench_function("instance from the image + on_request", |b| {
+            b.iter(|| {
+                tokio.block_on(async {
+                    let mut instance = plugin.instantiate_preinitialized(&image).await.unwrap();
+                    let (exchange, decision) = instance.on_request(exchange()).await;
+                    assert!(matches!(decision, Ok(Decision::Continue)), "{decision:?}");
+                    exchange
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
 fn route_matching(c: &mut Criterion) {
     let mut builder = RouterBuilder::default();
     for i in 0..1000 {
@@ -266,6 +347,7 @@ criterion_group!(
     benches,
     plugin_invocation,
     three_plugin_chain,
+    bundled_fresh_instances,
     route_matching
 );
 criterion_main!(benches);
