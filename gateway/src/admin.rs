@@ -6,7 +6,7 @@
 //! | `GET /status/ready` | 200 once the manifest and its plugins are loaded; 503 while draining |
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
 //! | `POST /reload` | 200 with the new manifest's hash, or 422 with every error |
-//! | `GET /config` | the loaded manifest's path, SHA-256 and load time, as JSON |
+//! | `GET /config` | the loaded manifest's SHA-256, load time and routes, and how many per-request plugin uses have their pre-initialised image (`plugin_images`), as JSON |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -79,12 +79,23 @@ async fn answer(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Fu
         }),
         "/config" => only(method, &Method::GET, || {
             let snapshot = shared.snapshot.load();
+            // The per-request plugin uses by the state of their pre-initialised image: until
+            // every one is `ready` (or `refused`), some requests still configure an instance.
+            let (mut ready, mut pending, mut refused) = (0, 0, 0);
+            for (_, _, slot) in snapshot.preinit_slots() {
+                match (slot.settled(), slot.image().is_some()) {
+                    (true, true) => ready += 1,
+                    (true, false) => refused += 1,
+                    (false, _) => pending += 1,
+                }
+            }
             json(
                 StatusCode::OK,
                 &serde_json::json!({
                     "sha256": snapshot.manifest_digest,
                     "loaded_at": humantime::format_rfc3339_millis(snapshot.loaded_at).to_string(),
                     "routes": snapshot.route_names().collect::<Vec<_>>(),
+                    "plugin_images": { "ready": ready, "pending": pending, "refused": refused },
                 }),
             )
         }),

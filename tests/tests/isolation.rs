@@ -162,7 +162,7 @@ fn a_fresh_instance_takes_its_slot_without_faulting_its_memory_in_again() {
 /// (tag `a_tag`) and `/b` (tag `b_tag`), and the stash on `/stash`.
 fn preinit_manifest(upstream: &TestUpstream, a_tag: &str, b_tag: &str) -> String {
     format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: a, match: {{ prefix: /a }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {a_tag}, stamp: true }} }}] }}\n  - {{ name: b, match: {{ prefix: /b }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {b_tag}, stamp: true }} }}] }}\n  - {{ name: stash, match: {{ prefix: /stash }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nadmin: {{ bind: \"127.0.0.1:0\" }}\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: a, match: {{ prefix: /a }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {a_tag}, stamp: true }} }}] }}\n  - {{ name: b, match: {{ prefix: /b }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {b_tag}, stamp: true }} }}] }}\n  - {{ name: stash, match: {{ prefix: /stash }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
         upstream.url()
     )
 }
@@ -185,6 +185,17 @@ async fn a_per_request_instance_starts_from_the_configured_image_and_is_still_fr
     let upstream = TestUpstream::start("main").await;
     let gateway = TestGateway::start(&preinit_manifest(&upstream, "a", "b")).await;
     assert_eq!(gateway.preinitialized().await, 3, "an image per plugin use");
+    let config = wasmgate_tests::send(
+        gateway.admin(),
+        Request::get("/config").body(Full::default()).unwrap(),
+    )
+    .await;
+    let config: serde_json::Value = serde_json::from_slice(&config.body).unwrap();
+    assert_eq!(
+        config["plugin_images"],
+        serde_json::json!({ "ready": 3, "pending": 0, "refused": 0 }),
+        "the admin listener says the images are ready"
+    );
 
     let first = configured_at(&gateway, &upstream, "/a").await;
     for _ in 0..4 {
