@@ -283,35 +283,20 @@ impl Runtime {
                 refused.join(", ")
             ));
         }
-        let plain = !sync_io::needs_fiber(&self.engine, &component);
-        let linker = if plain {
-            &self.plain_linker
-        } else {
-            &self.linker
-        };
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|err| format!("`{shown}` cannot be linked: {err:#}"))?;
-        let not_a_plugin = |err: wasmtime::Error| {
-            format!(
-                "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.x): {err:#}"
-            )
-        };
-        let fiber = PluginWorldIndices::new(&pre).map_err(not_a_plugin)?;
-        let plain = match plain {
-            true => Some(SyncPluginWorldIndices::new(&pre).map_err(not_a_plugin)?),
-            false => None,
-        };
+        let (pre, calls) = self
+            .link(&component, Arc::default())
+            .map_err(|err| match err {
+                LinkError::Link(err) => format!("`{shown}` cannot be linked: {err:#}"),
+                LinkError::NotAPlugin(err) => format!(
+                    "`{shown}` is not a wasmgate plugin (world wasmgate:plugin/plugin@0.2.x): {err:#}"
+                ),
+            })?;
         Ok(LoadedPlugin {
             name: Arc::from(name),
             digest,
             engine: self.engine.clone(),
             pre,
-            calls: Arc::new(CallMode {
-                fiber,
-                plain,
-                slow: Arc::new(AtomicBool::new(false)),
-            }),
+            calls: Arc::new(calls),
             budget,
             live: Arc::new(AtomicU32::new(0)),
             failures: FailureCounters::default(),
@@ -321,7 +306,38 @@ impl Runtime {
     }
 }
 
+/// Why a compiled component could not be made ready to instantiate.
+enum LinkError {
+    /// Its imports do not match the gateway's.
+    Link(wasmtime::Error),
+    /// It lacks the plugin world's exports.
+    NotAPlugin(wasmtime::Error),
+}
+
 impl Runtime {
+    /// Pre-instantiates a plugin's component (or an image of it) with the linker its imports
+    /// allow (plain calls unless something it imports may wait) and finds its exports. `slow`
+    /// is the plugin's switch to calls on a fiber.
+    fn link(
+        &self,
+        component: &Component,
+        slow: Arc<AtomicBool>,
+    ) -> Result<(InstancePre<PluginState>, CallMode), LinkError> {
+        let plain = !sync_io::needs_fiber(&self.engine, component);
+        let linker = if plain {
+            &self.plain_linker
+        } else {
+            &self.linker
+        };
+        let pre = linker.instantiate_pre(component).map_err(LinkError::Link)?;
+        let fiber = PluginWorldIndices::new(&pre).map_err(LinkError::NotAPlugin)?;
+        let plain = match plain {
+            true => Some(SyncPluginWorldIndices::new(&pre).map_err(LinkError::NotAPlugin)?),
+            false => None,
+        };
+        Ok((pre, CallMode { fiber, plain, slow }))
+    }
+
     /// The compiled component for these bytes: from this load, an earlier load, the disk cache,
     /// or compiled now (and then written to the disk cache).
     fn component(

@@ -29,8 +29,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Instance, InstancePre, Lift, WasmList};
 use wasmtime::{CacheStore, Store};
 
-use super::bindings::{PluginWorld, PluginWorldIndices, SyncPluginWorldIndices};
-use super::{CallMode, LoadedPlugin, Phase, Phases, PluginState, Runtime, Ticking, sync_io};
+use super::bindings::{PluginWorld, PluginWorldIndices};
+use super::{CallMode, LinkError, LoadedPlugin, Phase, Phases, PluginState, Runtime, Ticking};
 
 /// Cranelift's compiled functions, by its own key, kept while images are being made: an image,
 /// and the instrumented component it is made from, have the very functions of the plugin, so
@@ -403,27 +403,16 @@ impl Runtime {
 
         let component = Component::new(&self.engine, &snapshot)
             .map_err(|err| format!("cannot compile the pre-initialised component: {err:#}"))?;
-        let plain = !sync_io::needs_fiber(&self.engine, &component);
-        let linker = if plain {
-            &self.plain_linker
-        } else {
-            &self.linker
-        };
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|err| format!("cannot link the pre-initialised component: {err:#}"))?;
-        let fiber = PluginWorldIndices::new(&pre).map_err(|err| format!("{err:#}"))?;
-        let plain = match plain {
-            true => Some(SyncPluginWorldIndices::new(&pre).map_err(|err| format!("{err:#}"))?),
-            false => None,
-        };
+        let (pre, calls) =
+            self.link(&component, plugin.calls.slow.clone())
+                .map_err(|err| match err {
+                    LinkError::Link(err) | LinkError::NotAPlugin(err) => {
+                        format!("cannot link the pre-initialised component: {err:#}")
+                    }
+                })?;
         Ok(Preinitialized {
             pre,
-            calls: Arc::new(CallMode {
-                fiber,
-                plain,
-                slow: plugin.calls.slow.clone(),
-            }),
+            calls: Arc::new(calls),
             phases: Phases {
                 request: info.on_request,
                 response: info.on_response,
