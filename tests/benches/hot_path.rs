@@ -18,6 +18,13 @@ use wasmgate::runtime::{
     Decision, Exchange, InstancePool, Lease, LoadSession, LoadedPlugin, PluginBudget, Runtime,
 };
 
+/// api-key's benchmark configuration: one consumer, whose key is `bench-key` (its SHA-256).
+const API_KEY_CONFIG: &str = r#"{"keys":[{"consumer":"bench","sha256":"b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7"}]}"#;
+
+/// header-rewrite's benchmark configuration: one header set each way.
+const REWRITE_CONFIG: &str =
+    r#"{"request":{"set":{"x-gateway":"wasmgate"}},"response":{"set":{"x-served-by":"wasmgate"}}}"#;
+
 fn budget() -> PluginBudget {
     PluginBudget {
         deadline: Duration::from_millis(50),
@@ -170,13 +177,11 @@ fn three_plugin_chain(c: &mut Criterion) {
     let runtime = Runtime::new().unwrap();
     let metrics = Metrics::new();
     let load = |name: &str, stem: &str| load(&runtime, &metrics, name, stem);
-    // sha256("bench-key")
-    let key_config = r#"{"keys":[{"consumer":"bench","sha256":"b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7"}]}"#;
     let chain = [
-        (load("api-key", "api_key"), key_config.to_string()),
+        (load("api-key", "api_key"), API_KEY_CONFIG.to_string()),
         (
             load("header-rewrite", "header_rewrite"),
-            r#"{"request":{"set":{"x-gateway":"wasmgate"}},"response":{"set":{"x-served-by":"wasmgate"}}}"#.to_string(),
+            REWRITE_CONFIG.to_string(),
         ),
         (load("access-log", "access_log"), "null".to_string()),
     ];
@@ -247,9 +252,6 @@ fn bundled_fresh_instances(c: &mut Criterion) {
         .unwrap();
     let runtime = Runtime::new().unwrap();
     let metrics = Metrics::new();
-    let key_sha256 = "b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7";
-    let key_config = format!(r#"{{"keys":[{{"consumer":"bench","sha256":"{key_sha256}"}}]}}"#);
-    let rewrite_config = r#"{"request":{"set":{"x-gateway":"wasmgate"}},"response":{"set":{"x-served-by":"wasmgate"}}}"#;
     let secret = "0123456789abcdef0123456789abcdef-bench";
     let jwt_config = format!(
         r#"{{"algorithms":["HS256"],"keys":[{{"secret":"{secret}"}}],"issuers":["bench"]}}"#
@@ -274,8 +276,8 @@ fn bundled_fresh_instances(c: &mut Criterion) {
         .into_parts();
     let exchange = exchanges(parts);
     for (stem, config) in [
-        ("api_key", key_config.as_str()),
-        ("header_rewrite", rewrite_config),
+        ("api_key", API_KEY_CONFIG),
+        ("header_rewrite", REWRITE_CONFIG),
         ("jwt_auth", jwt_config.as_str()),
     ] {
         let plugin = load(&runtime, &metrics, stem, stem);
