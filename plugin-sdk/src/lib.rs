@@ -74,8 +74,9 @@ pub mod __private {
     });
 
     pub use self::exports::wasmgate::plugin::handler::Guest;
-    pub use self::wasmgate::plugin::types::{Action as WitAction, PluginInfo};
-    pub use crate::glue::{configure, on_complete, on_request, on_response};
+    pub use self::exports::wasmgate::plugin::handler_with_values::Guest as GuestWithValues;
+    pub use self::wasmgate::plugin::types::{Action as WitAction, PluginInfo, ReadSet};
+    pub use crate::glue::{configure, on_complete, on_request, on_response, reads, with_values};
 }
 
 use __private::wasmgate::plugin as wit;
@@ -109,6 +110,17 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// plugin asks for in a request, held from the first to the last; with this set and another
     /// phase, that means until the response body has been sent.
     const ON_COMPLETE: bool = false;
+
+    /// What the plugin reads in its phases: the request and response headers and the properties
+    /// it reads for (nearly) every request. The gateway hands these values in with each call,
+    /// so that reading them costs no call out of the sandbox; anything not named here is still
+    /// read from the gateway, one call out each (a few hundred nanoseconds). Asked once, right
+    /// after [`Plugin::new`]; like the phase constants, the answer must follow from the
+    /// configuration alone. The default names nothing, and the gateway then calls the plugin as
+    /// it calls one built before contract 0.2.3.
+    fn reads(&self) -> Reads {
+        Reads::default()
+    }
 
     /// Builds the plugin from its configuration.
     ///
@@ -189,6 +201,106 @@ impl ImmediateResponse {
     }
 }
 
+/// What a plugin reads in its phases ([`Plugin::reads`]), handed in with each call.
+///
+/// ```
+/// use wasmgate_plugin_sdk::Reads;
+///
+/// let reads = Reads::new()
+///     .request_header("Authorization")
+///     .property("subject");
+/// assert_eq!(reads.request_headers(), ["authorization"]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    request_headers: Vec<String>,
+    response_headers: Vec<String>,
+    properties: Vec<String>,
+}
+
+impl Reads {
+    /// Nothing read.
+    pub fn new() -> Reads {
+        Reads::default()
+    }
+
+    /// Adds a request header (any case; kept lower-case), handed in every phase. A name that
+    /// is not a header name is left out: reading it asks the gateway, which finds nothing.
+    pub fn request_header(mut self, name: &str) -> Reads {
+        if is_header_name(name) {
+            push_new(&mut self.request_headers, name.to_ascii_lowercase());
+        }
+        self
+    }
+
+    /// Adds a response header (any case; kept lower-case), handed in the response and
+    /// completion phases. A name that is not a header name is left out.
+    pub fn response_header(mut self, name: &str) -> Reads {
+        if is_header_name(name) {
+            push_new(&mut self.response_headers, name.to_ascii_lowercase());
+        }
+        self
+    }
+
+    /// Adds a property (its value as the call starts; `wasmgate.*` ones included). A key
+    /// longer than a property key can be (256 bytes) is left out.
+    pub fn property(mut self, key: &str) -> Reads {
+        if key.len() <= MAX_PROPERTY_KEY {
+            push_new(&mut self.properties, key.to_string());
+        }
+        self
+    }
+
+    /// Adds several properties, such as a [`properties::KeyList`]'s keys.
+    pub fn properties<'k>(self, keys: impl IntoIterator<Item = &'k String>) -> Reads {
+        keys.into_iter()
+            .fold(self, |reads, key| reads.property(key))
+    }
+
+    /// The request headers named, lower-case, in order.
+    pub fn request_headers(&self) -> &[String] {
+        &self.request_headers
+    }
+
+    /// The response headers named, lower-case, in order.
+    pub fn response_headers(&self) -> &[String] {
+        &self.response_headers
+    }
+
+    /// The properties named, in order.
+    pub fn property_keys(&self) -> &[String] {
+        &self.properties
+    }
+
+    /// Whether nothing is named.
+    pub fn is_empty(&self) -> bool {
+        self.request_headers.is_empty()
+            && self.response_headers.is_empty()
+            && self.properties.is_empty()
+    }
+}
+
+/// Whether `name` is an HTTP field name (a token, RFC 9110 section 5.1).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The most names in each list of [`Reads`] (the gateway refuses more); the rest are read from
+/// the gateway.
+const MAX_READS: usize = 64;
+
+/// The longest property key.
+const MAX_PROPERTY_KEY: usize = 256;
+
+fn push_new(list: &mut Vec<String>, item: String) {
+    if list.len() < MAX_READS && !list.contains(&item) {
+        list.push(item);
+    }
+}
+
 /// An error returned by the gateway for a host call it refused, such as a header value that
 /// contains a line break.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,29 +331,35 @@ pub struct Request {
 }
 
 impl Request {
+    // The request's own fields are properties too (`wasmgate.method` and the others): named
+    // in [`Plugin::reads`], they are handed in like any property.
+
     /// The method, e.g. `GET`.
     pub fn method(&self) -> String {
-        wit::request::method()
+        view::field("wasmgate.method").unwrap_or_else(wit::request::method)
     }
 
     /// The path without the query string, as routed.
     pub fn path(&self) -> String {
-        wit::request::path()
+        view::field("wasmgate.path").unwrap_or_else(wit::request::path)
     }
 
     /// The query string without the leading `?`, if there is one.
     pub fn query(&self) -> Option<String> {
-        wit::request::query()
+        view::property("wasmgate.query", |value| value.map(str::to_owned))
+            .unwrap_or_else(wit::request::query)
     }
 
     /// The first value of a header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<String> {
-        wit::request::header(name)
+        view::header(view::Side::Request, name, |values| values.first().cloned())
+            .unwrap_or_else(|| wit::request::header(name))
     }
 
     /// Every value of a header, in order.
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        wit::request::header_values(name)
+        view::header(view::Side::Request, name, <[String]>::to_vec)
+            .unwrap_or_else(|| wit::request::header_values(name))
     }
 
     /// All headers, in order, with lower-case names.
@@ -251,12 +369,12 @@ impl Request {
 
     /// The client's socket address, e.g. `127.0.0.1:53412`.
     pub fn client_addr(&self) -> String {
-        wit::request::client_addr()
+        view::field("wasmgate.client_addr").unwrap_or_else(wit::request::client_addr)
     }
 
     /// The name of the route that matched.
     pub fn route_name(&self) -> String {
-        wit::request::route_name()
+        view::field("wasmgate.route").unwrap_or_else(wit::request::route_name)
     }
 
     /// The buffered request body; fails unless the plugin's manifest entry sets `body: true`.
@@ -266,17 +384,23 @@ impl Request {
 
     /// Replaces every value of a header with `value`.
     pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
-        wit::request::set_header(name, value).map_err(HostError)
+        wit::request::set_header(name, value).map_err(HostError)?;
+        view::edit(view::Side::Request, name, view::Edit::Set(value));
+        Ok(())
     }
 
     /// Appends a value to a header.
     pub fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
-        wit::request::add_header(name, value).map_err(HostError)
+        wit::request::add_header(name, value).map_err(HostError)?;
+        view::edit(view::Side::Request, name, view::Edit::Add(value));
+        Ok(())
     }
 
     /// Removes every value of a header.
     pub fn remove_header(&mut self, name: &str) -> Result<(), HostError> {
-        wit::request::remove_header(name).map_err(HostError)
+        wit::request::remove_header(name).map_err(HostError)?;
+        view::edit(view::Side::Request, name, view::Edit::Remove);
+        Ok(())
     }
 
     /// Replaces the request body; fails unless the plugin's manifest entry sets `body: true`.
@@ -294,22 +418,26 @@ pub struct Response {
 impl Response {
     /// The status code.
     pub fn status(&self) -> u16 {
-        wit::response::status()
+        view::status().unwrap_or_else(wit::response::status)
     }
 
     /// Changes the status code (100 to 999).
     pub fn set_status(&mut self, status: u16) -> Result<(), HostError> {
-        wit::response::set_status(status).map_err(HostError)
+        wit::response::set_status(status).map_err(HostError)?;
+        view::set_status(status);
+        Ok(())
     }
 
     /// The first value of a header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<String> {
-        wit::response::header(name)
+        view::header(view::Side::Response, name, |values| values.first().cloned())
+            .unwrap_or_else(|| wit::response::header(name))
     }
 
     /// Every value of a header, in order.
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        wit::response::header_values(name)
+        view::header(view::Side::Response, name, <[String]>::to_vec)
+            .unwrap_or_else(|| wit::response::header_values(name))
     }
 
     /// All headers, in order, with lower-case names.
@@ -319,17 +447,23 @@ impl Response {
 
     /// Replaces every value of a header with `value`.
     pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
-        wit::response::set_header(name, value).map_err(HostError)
+        wit::response::set_header(name, value).map_err(HostError)?;
+        view::edit(view::Side::Response, name, view::Edit::Set(value));
+        Ok(())
     }
 
     /// Appends a value to a header.
     pub fn add_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
-        wit::response::add_header(name, value).map_err(HostError)
+        wit::response::add_header(name, value).map_err(HostError)?;
+        view::edit(view::Side::Response, name, view::Edit::Add(value));
+        Ok(())
     }
 
     /// Removes every value of a header.
     pub fn remove_header(&mut self, name: &str) -> Result<(), HostError> {
-        wit::response::remove_header(name).map_err(HostError)
+        wit::response::remove_header(name).map_err(HostError)?;
+        view::edit(view::Side::Response, name, view::Edit::Remove);
+        Ok(())
     }
 }
 
@@ -375,7 +509,8 @@ pub mod properties {
 
     /// The value of a property, if a plugin earlier in the chain set it.
     pub fn get(key: &str) -> Option<String> {
-        wit::properties::get(key)
+        crate::view::property(key, |value| value.map(str::to_owned))
+            .unwrap_or_else(|| wit::properties::get(key))
     }
 
     /// The values of `keys`, in order, in one call out of the sandbox: for a plugin that reads
@@ -426,6 +561,9 @@ pub mod properties {
         /// writes them out again (an access log), that is an allocation and a free per value
         /// saved.
         pub fn read(&self) -> Values {
+            if let Some(buffer) = crate::view::encode_properties(&self.keys) {
+                return Values::new(buffer, self.keys.len());
+            }
             let handle = *self
                 .handle
                 .get_or_init(|| wit::properties::prepare(&self.keys));
@@ -515,7 +653,9 @@ pub mod properties {
 
     /// Sets a property for the plugins that run after this one (and for the response phase).
     pub fn set(key: &str, value: &str) -> Result<(), HostError> {
-        wit::properties::set(key, value).map_err(HostError)
+        wit::properties::set(key, value).map_err(HostError)?;
+        crate::view::set_property(key, value);
+        Ok(())
     }
 }
 
@@ -547,6 +687,209 @@ pub mod log {
     /// Logs at error level.
     pub fn error(message: &str) {
         log(LogLevel::Error, message);
+    }
+}
+
+mod view {
+    //! The values the gateway handed in with the current call (`handler-with-values`), decoded,
+    //! and kept up to date with the plugin's own edits so that a read after an edit sees it, as
+    //! a read from the gateway would.
+
+    use std::cell::RefCell;
+
+    use crate::Reads;
+
+    /// Which headers.
+    #[derive(Clone, Copy)]
+    pub(crate) enum Side {
+        Request,
+        Response,
+    }
+
+    /// A header edit the gateway accepted.
+    pub(crate) enum Edit<'v> {
+        Set(&'v str),
+        Add(&'v str),
+        Remove,
+    }
+
+    /// The values of one call.
+    #[derive(Debug, PartialEq)]
+    pub(crate) struct View {
+        /// What the plugin named, which the values below follow in order.
+        reads: &'static Reads,
+        /// The response status; 0 in the request phase.
+        status: u16,
+        /// Per named request header, its values.
+        request: Vec<Vec<String>>,
+        /// Per named response header, its values.
+        response: Vec<Vec<String>>,
+        /// Per named property, its value.
+        properties: Vec<Option<String>>,
+    }
+
+    thread_local! {
+        // A component has one thread; this is a global with a borrow check.
+        static CURRENT: RefCell<Option<View>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `call` with `view` as the current call's values, and forgets them after it.
+    pub(crate) fn during<R>(view: Option<View>, call: impl FnOnce() -> R) -> R {
+        CURRENT.with(|current| *current.borrow_mut() = view);
+        let result = call();
+        CURRENT.with(|current| *current.borrow_mut() = None);
+        result
+    }
+
+    fn with<R>(f: impl FnOnce(&mut View) -> Option<R>) -> Option<R> {
+        CURRENT.with(|current| current.borrow_mut().as_mut().and_then(f))
+    }
+
+    /// `Some` with what `f` makes of the header's values when they were handed in; `None` when
+    /// the gateway must be asked.
+    pub(crate) fn header<R>(side: Side, name: &str, f: impl FnOnce(&[String]) -> R) -> Option<R> {
+        with(|view| {
+            let index = view.header_index(side, name)?;
+            Some(f(&view.headers_mut(side)[index]))
+        })
+    }
+
+    /// Applies an edit the gateway accepted to a header that was handed in.
+    pub(crate) fn edit(side: Side, name: &str, edit: Edit<'_>) {
+        with(|view| {
+            let index = view.header_index(side, name)?;
+            let values = &mut view.headers_mut(side)[index];
+            match edit {
+                Edit::Set(value) => {
+                    values.clear();
+                    values.push(value.to_string());
+                }
+                Edit::Add(value) => values.push(value.to_string()),
+                Edit::Remove => values.clear(),
+            }
+            Some(())
+        });
+    }
+
+    /// The response status, when it was handed in.
+    pub(crate) fn status() -> Option<u16> {
+        with(|view| (view.status != 0).then_some(view.status))
+    }
+
+    pub(crate) fn set_status(status: u16) {
+        with(|view| {
+            if view.status != 0 {
+                view.status = status;
+            }
+            Some(())
+        });
+    }
+
+    /// One of the request's own fields (always set), when its property was handed in.
+    pub(crate) fn field(key: &str) -> Option<String> {
+        property(key, |value| value.map(str::to_owned)).flatten()
+    }
+
+    /// `Some` with what `f` makes of the property's value when it was handed in.
+    pub(crate) fn property<R>(key: &str, f: impl FnOnce(Option<&str>) -> R) -> Option<R> {
+        with(|view| {
+            let index = view.property_index(key)?;
+            Some(f(view.properties[index].as_deref()))
+        })
+    }
+
+    pub(crate) fn set_property(key: &str, value: &str) {
+        with(|view| {
+            let index = view.property_index(key)?;
+            view.properties[index] = Some(value.to_string());
+            Some(())
+        });
+    }
+
+    /// The values of `keys` laid out as `properties.get-many` returns them, when every one of
+    /// them was handed in.
+    pub(crate) fn encode_properties(keys: &[String]) -> Option<Vec<u8>> {
+        with(|view| {
+            let mut out = Vec::with_capacity(keys.len() * 24);
+            for key in keys {
+                match &view.properties[view.property_index(key)?] {
+                    None => out.push(0),
+                    Some(value) => {
+                        out.push(1);
+                        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                        out.extend_from_slice(value.as_bytes());
+                    }
+                }
+            }
+            Some(out)
+        })
+    }
+
+    impl View {
+        /// Decodes the buffer the gateway laid out for `reads`; `None` when it does not match
+        /// (then every read asks the gateway, which is slower but right).
+        pub(crate) fn decode(buffer: &[u8], reads: &'static Reads) -> Option<View> {
+            let mut at = 0usize;
+            let mut take = |n: usize| -> Option<&[u8]> {
+                let bytes = buffer.get(at..at.checked_add(n)?)?;
+                at += n;
+                Some(bytes)
+            };
+            let status = u16::from_le_bytes(take(2)?.try_into().ok()?);
+            let mut headers = |names: &[String]| -> Option<Vec<Vec<String>>> {
+                let mut out = Vec::with_capacity(names.len());
+                for _ in names {
+                    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                    // Bounded by the buffer: a value takes at least its four-byte length.
+                    let mut values = Vec::with_capacity(count.min(buffer.len() / 4));
+                    for _ in 0..count {
+                        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                        values.push(String::from_utf8(take(len)?.to_vec()).ok()?);
+                    }
+                    out.push(values);
+                }
+                Some(out)
+            };
+            let request = headers(&reads.request_headers)?;
+            let response = headers(&reads.response_headers)?;
+            let mut properties = Vec::with_capacity(reads.properties.len());
+            for _ in &reads.properties {
+                let value = match take(1)?[0] {
+                    0 => None,
+                    _ => {
+                        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                        Some(String::from_utf8(take(len)?.to_vec()).ok()?)
+                    }
+                };
+                properties.push(value);
+            }
+            (at == buffer.len()).then_some(View {
+                reads,
+                status,
+                request,
+                response,
+                properties,
+            })
+        }
+
+        fn header_index(&self, side: Side, name: &str) -> Option<usize> {
+            let names = match side {
+                Side::Request => &self.reads.request_headers,
+                Side::Response => &self.reads.response_headers,
+            };
+            names.iter().position(|n| n.eq_ignore_ascii_case(name))
+        }
+
+        fn property_index(&self, key: &str) -> Option<usize> {
+            self.reads.properties.iter().position(|k| k == key)
+        }
+
+        fn headers_mut(&mut self, side: Side) -> &mut Vec<Vec<String>> {
+            match side {
+                Side::Request => &mut self.request,
+                Side::Response => &mut self.response,
+            }
+        }
     }
 }
 
@@ -591,6 +934,30 @@ macro_rules! export_plugin {
                 }
             }
 
+            impl $crate::__private::GuestWithValues for WasmgateExport {
+                fn reads() -> $crate::__private::ReadSet {
+                    $crate::__private::reads()
+                }
+
+                fn on_request(values: ::std::vec::Vec<u8>) -> $crate::__private::WitAction {
+                    $crate::__private::with_values(values, || {
+                        $crate::__private::on_request::<$plugin>(&INSTANCE)
+                    })
+                }
+
+                fn on_response(values: ::std::vec::Vec<u8>) {
+                    $crate::__private::with_values(values, || {
+                        $crate::__private::on_response::<$plugin>(&INSTANCE)
+                    })
+                }
+
+                fn on_complete(values: ::std::vec::Vec<u8>) {
+                    $crate::__private::with_values(values, || {
+                        $crate::__private::on_complete::<$plugin>(&INSTANCE)
+                    })
+                }
+            }
+
             // Exported only in the component: host builds (the plugin's unit tests) have no use
             // for the component ABI symbols, and host linkers refuse their names.
             #[cfg(target_family = "wasm")]
@@ -606,6 +973,9 @@ mod glue {
     //! What the exported functions do, kept out of the macro so that it is type-checked once.
     use super::*;
 
+    /// What the configured plugin reads ([`Plugin::reads`]); one plugin per component.
+    static READS: OnceLock<Reads> = OnceLock::new();
+
     /// `handler.configure`: parses the configuration and builds the plugin.
     pub fn configure<P: Plugin>(
         slot: &OnceLock<P>,
@@ -613,15 +983,35 @@ mod glue {
     ) -> Result<__private::PluginInfo, String> {
         let parsed = parse_config::<P::Config>(config)?;
         let plugin = P::new(parsed)?;
+        let reads = plugin.reads();
         // A second `configure` on the same instance keeps the first plugin: the gateway never
         // does this, and replacing state under a running instance would be surprising.
         let _ = slot.set(plugin);
+        let _ = READS.set(reads);
         Ok(__private::PluginInfo {
             auth: P::AUTH,
             on_request: P::ON_REQUEST,
             on_response: P::ON_RESPONSE,
             on_complete: P::ON_COMPLETE,
         })
+    }
+
+    /// `handler-with-values.reads`: what [`Plugin::reads`] said at `configure`.
+    pub fn reads() -> __private::ReadSet {
+        let reads = READS.get().cloned().unwrap_or_default();
+        __private::ReadSet {
+            request_headers: reads.request_headers,
+            response_headers: reads.response_headers,
+            properties: reads.properties,
+        }
+    }
+
+    /// Runs a `handler-with-values` phase: `call` with the values handed in.
+    pub fn with_values<R>(values: Vec<u8>, call: impl FnOnce() -> R) -> R {
+        let view = READS
+            .get()
+            .and_then(|reads| view::View::decode(&values, reads));
+        view::during(view, call)
     }
 
     /// `handler.on-request`: runs [`Plugin::on_request`].

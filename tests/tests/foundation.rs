@@ -16,6 +16,8 @@ plugins:
   probe: { source: "{plugins}/probe_plugin.wasm" }
   body-probe: { source: "{plugins}/probe_plugin.wasm", body: true }
   contract-020: { source: "{plugins}/contract_0_2_0_plugin.wasm" }
+  frugal-probe: { source: "{plugins}/probe_plugin.wasm", host_calls: 4 }
+  pooled-probe: { source: "{plugins}/probe_plugin.wasm", host_calls: 4, isolation: pooled }
 "#;
 
 fn manifest(upstream: &TestUpstream, routes: &str) -> String {
@@ -317,6 +319,94 @@ async fn properties_and_the_requests_own_fields_read_in_one_call() {
     // request goes no further.
     let before = upstream.seen().len();
     let refused = gateway.get("x.test", "/greedy").await;
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(upstream.seen().len(), before);
+}
+
+#[tokio::test]
+async fn values_a_plugin_names_are_handed_in_with_the_call_and_read_as_the_gateway_would() {
+    let upstream = TestUpstream::start("main").await;
+    // The same reads and edits (`probe`'s `echo`), named in `reads` or not: with the values
+    // handed in, the request phase makes only its three edits as host calls, so a cap of four
+    // holds; reading through host calls under that cap stops the plugin.
+    let echo = |declare: bool| {
+        format!(
+            "echo: {{ headers: [x-one, X-Two, x-three], properties: [subject, wasmgate.path], \
+             response_headers: [x-upstream, x-none], declare: {declare} }}"
+        )
+    };
+    let routes = format!(
+        r#"
+  - name: named
+    match: {{ prefix: /named }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: auth, set_property: {{ subject: alice }} }} }}
+      - {{ name: frugal-probe, config: {{ tag: e, {named} }} }}
+  - name: named-pooled
+    match: {{ prefix: /pooled }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: auth, set_property: {{ subject: alice }} }} }}
+      - {{ name: pooled-probe, config: {{ tag: e, {named} }} }}
+  - name: unnamed
+    match: {{ prefix: /unnamed }}
+    upstream: main
+    plugins:
+      - {{ name: probe, config: {{ tag: auth, set_property: {{ subject: alice }} }} }}
+      - {{ name: probe, config: {{ tag: e, {unnamed} }} }}
+  - name: unnamed-capped
+    match: {{ prefix: /capped }}
+    upstream: main
+    plugins:
+      - {{ name: frugal-probe, config: {{ tag: e, {unnamed} }} }}
+"#,
+        named = echo(true),
+        unnamed = echo(false),
+    );
+    let gateway = TestGateway::start(&manifest(&upstream, &routes)).await;
+    let request = |path: &str| {
+        Request::get(path)
+            .header("host", "x.test")
+            .header("x-one", "a")
+            .header("x-two", "b")
+            .header("x-two", "c")
+            .body(Full::default())
+            .unwrap()
+    };
+    let expected_request = "x-one=a;X-Two=b,c;x-three=;subject=alice;wasmgate.path=/P;\
+                            echo=<unset>;GET;q=1;then;x-one=edited;X-Two=b,c;x-three=;\
+                            subject=alice;wasmgate.path=/P;echo=set";
+    let check = async |path: &str, prefix: &str| {
+        let response = gateway.send(request(&format!("{path}?q=1"))).await;
+        assert_eq!(response.status, StatusCode::OK, "{path}");
+        let expected = expected_request.replace("/P", path);
+        assert_eq!(
+            upstream.last().headers["x-echo"],
+            expected.as_str(),
+            "{prefix}"
+        );
+        // The response phase: status and response headers, one edit.
+        assert_eq!(
+            response.header("x-echo"),
+            "200;x-upstream=main;x-none=",
+            "{prefix}"
+        );
+        // The edit reached the upstream too.
+        assert_eq!(upstream.last().headers["x-one"], "edited");
+    };
+    // Configured per request until the image is made, then from the image: both ways.
+    check("/named", "named, configured").await;
+    assert_eq!(gateway.preinitialized().await, 6);
+    for _ in 0..2 {
+        check("/named", "named, from the image").await;
+        check("/pooled", "named, pooled").await;
+        check("/unnamed", "unnamed").await;
+    }
+
+    // Without the values handed in, the same reads under the same cap stop the plugin.
+    let before = upstream.seen().len();
+    let refused = gateway.send(request("/capped?q=1")).await;
     assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(upstream.seen().len(), before);
 }

@@ -36,9 +36,27 @@ mod generated_sync {
     });
 }
 
+pub(crate) use generated::Plugin as PluginWorld;
 pub(crate) use generated::wasmgate::plugin::{log, properties, request, response, types};
-pub(crate) use generated::{Plugin as PluginWorld, PluginIndices as PluginWorldIndices};
-pub(crate) use generated_sync::{
-    Plugin as SyncPluginWorld, PluginIndices as SyncPluginWorldIndices,
-};
-pub(crate) use types::{Action, ImmediateResponse, LogLevel};
+pub(crate) use types::{Action, ImmediateResponse, LogLevel, ReadSet as WitReadSet};
+
+/// The exports as called on a fiber: `handler`, and `handler-with-values` (contract 0.2.3) when
+/// the plugin has it.
+pub(crate) mod fiber {
+    pub(crate) use super::generated::exports::wasmgate::plugin::handler::{
+        Guest as Handler, GuestIndices as HandlerIndices,
+    };
+    pub(crate) use super::generated::exports::wasmgate::plugin::handler_with_values::{
+        Guest as WithValues, GuestIndices as WithValuesIndices,
+    };
+}
+
+/// The same exports, as called plainly.
+pub(crate) mod plain {
+    pub(crate) use super::generated_sync::exports::wasmgate::plugin::handler::{
+        Guest as Handler, GuestIndices as HandlerIndices,
+    };
+    pub(crate) use super::generated_sync::exports::wasmgate::plugin::handler_with_values::{
+        Guest as WithValues, GuestIndices as WithValuesIndices,
+    };
+}

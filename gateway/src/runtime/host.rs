@@ -145,7 +145,11 @@ impl PluginState {
             Err((kind, detail)) => return Err(self.fail(kind, detail)),
         };
         let headers = if on_request {
-            &mut self.exchange()?.request.headers
+            // `request_for_edit` counted this host call already.
+            match self.exchange.as_deref_mut() {
+                Some(exchange) => &mut exchange.request.headers,
+                None => return Err(wasmtime::format_err!("no request to edit")),
+            }
         } else {
             &mut self.response_parts()?.headers
         };
@@ -418,7 +422,7 @@ impl properties::Host for PluginState {
 
 /// A property's value: one set along the chain or by the gateway, or one of the request's own
 /// fields (`wasmgate.method` and the others the contract lists), read from the request itself.
-fn property<'e>(exchange: &'e Exchange, key: &str) -> Option<&'e str> {
+pub(super) fn property<'e>(exchange: &'e Exchange, key: &str) -> Option<&'e str> {
     let request = &exchange.request;
     match key.strip_prefix("wasmgate.") {
         Some("method") => Some(request.method.as_str()),

@@ -19,6 +19,7 @@ pub mod exchange;
 mod host;
 mod preinit;
 mod sync_io;
+mod values;
 pub use host::PLUGIN_LOG_TARGET;
 
 use std::fmt;
@@ -38,15 +39,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::metrics::PluginMetrics;
 
-use self::bindings::{
-    Action, ImmediateResponse, PluginWorld, PluginWorldIndices, SyncPluginWorld,
-    SyncPluginWorldIndices,
-};
+use self::bindings::{Action, ImmediateResponse, PluginWorld, WitReadSet, fiber, plain};
 use self::budget::Limiter;
 pub use self::budget::{FailureCounters, FailureKind, PluginBudget, PluginError};
 pub use self::cache::{CacheStats, LoadSession, WasmDigest};
 pub use self::exchange::{Exchange, Phase};
 pub use self::preinit::{PreinitJob, PreinitSlot, Preinitialized};
+pub use self::values::ReadSet;
 
 /// How often the epoch advances: the granularity of plugin deadlines, and how long a plugin call
 /// runs before it yields to other requests.
@@ -330,9 +329,28 @@ impl Runtime {
             &self.linker
         };
         let pre = linker.instantiate_pre(component).map_err(LinkError::Link)?;
-        let fiber = PluginWorldIndices::new(&pre).map_err(LinkError::NotAPlugin)?;
+        // `handler-with-values` is optional (plugins built before contract 0.2.3 lack it), but
+        // one that is there must be whole.
+        let with_values = component
+            .get_export_index(None, WITH_VALUES_EXPORT)
+            .is_some();
+        let fiber = Exports {
+            handler: fiber::HandlerIndices::new(&pre).map_err(LinkError::NotAPlugin)?,
+            values: match with_values {
+                true => Some(fiber::WithValuesIndices::new(&pre).map_err(LinkError::NotAPlugin)?),
+                false => None,
+            },
+        };
         let plain = match plain {
-            true => Some(SyncPluginWorldIndices::new(&pre).map_err(LinkError::NotAPlugin)?),
+            true => Some(Exports {
+                handler: plain::HandlerIndices::new(&pre).map_err(LinkError::NotAPlugin)?,
+                values: match with_values {
+                    true => {
+                        Some(plain::WithValuesIndices::new(&pre).map_err(LinkError::NotAPlugin)?)
+                    }
+                    false => None,
+                },
+            }),
             false => None,
         };
         Ok((pre, CallMode { fiber, plain, slow }))
@@ -427,12 +445,54 @@ pub struct LoadedPlugin {
 /// worker for at most one deadline once, then no longer than a tick at a time.
 struct CallMode {
     /// The exports, for calls on a fiber.
-    fiber: PluginWorldIndices,
+    fiber: Exports<fiber::HandlerIndices, fiber::WithValuesIndices>,
     /// The exports, for plain calls; `None` when the plugin imports something that may wait.
-    plain: Option<SyncPluginWorldIndices>,
+    plain: Option<Exports<plain::HandlerIndices, plain::WithValuesIndices>>,
     /// Set when a plain call ran through too many epoch ticks. Shared by the plugin and its
     /// pre-initialised images: the same code is as slow in either.
     slow: Arc<AtomicBool>,
+}
+
+/// The name `handler-with-values` is exported under (any later 0.2 version matches it).
+const WITH_VALUES_EXPORT: &str = "wasmgate:plugin/handler-with-values@0.2.3";
+
+/// A plugin's exports (their indices in the component, or loaded from an instance): `handler`,
+/// and `handler-with-values` when the plugin has it.
+struct Exports<H, V> {
+    handler: H,
+    values: Option<V>,
+}
+
+impl Exports<fiber::HandlerIndices, fiber::WithValuesIndices> {
+    fn load(
+        &self,
+        store: &mut Store<PluginState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<Exports<fiber::Handler, fiber::WithValues>> {
+        Ok(Exports {
+            handler: self.handler.load(&mut *store, instance)?,
+            values: match &self.values {
+                Some(values) => Some(values.load(&mut *store, instance)?),
+                None => None,
+            },
+        })
+    }
+}
+
+impl Exports<plain::HandlerIndices, plain::WithValuesIndices> {
+    fn load(
+        &self,
+        store: &mut Store<PluginState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<Exports<plain::Handler, plain::WithValues>> {
+        Ok(Exports {
+            handler: self.handler.load(&mut *store, instance)?,
+            values: match &self.values {
+                Some(values) => Some(values.load(&mut *store, instance)?),
+                None => None,
+            },
+        })
+    }
 }
 
 impl CallMode {
@@ -447,15 +507,40 @@ impl CallMode {
 macro_rules! call_export {
     ($instance:expr, $export:ident $(, $arg:expr)*) => {
         match &$instance.plain {
-            Some(world) if !$instance.store.data().on_fiber => world
-                .wasmgate_plugin_handler()
+            Some(exports) if !$instance.store.data().on_fiber => exports
+                .handler
                 .$export(&mut $instance.store $(, $arg)*),
             _ => {
                 $instance
                     .fiber
                     .as_ref()
                     .expect("`begin` loads the exports for calls on a fiber")
-                    .wasmgate_plugin_handler()
+                    .handler
+                    .$export(&mut $instance.store $(, $arg)*)
+                    .await
+            }
+        }
+    };
+}
+
+/// Calls one of the `handler-with-values` exports, as [`call_export!`] calls `handler`'s. Only
+/// for an instance whose plugin has them (it has a [`ReadSet`]).
+macro_rules! call_with_values {
+    ($instance:expr, $export:ident $(, $arg:expr)*) => {
+        match &$instance.plain {
+            Some(exports) if !$instance.store.data().on_fiber => exports
+                .values
+                .as_ref()
+                .expect("only a plugin with `handler-with-values` has reads")
+                .$export(&mut $instance.store $(, $arg)*),
+            _ => {
+                $instance
+                    .fiber
+                    .as_ref()
+                    .expect("`begin` loads the exports for calls on a fiber")
+                    .values
+                    .as_ref()
+                    .expect("only a plugin with `handler-with-values` has reads")
                     .$export(&mut $instance.store $(, $arg)*)
                     .await
             }
@@ -520,6 +605,7 @@ impl LoadedPlugin {
                     response: info.on_response,
                     complete: info.on_complete,
                 };
+                instance.reads = instance.ask_reads().await?;
                 Ok(instance)
             }
             Err(message) => Err(PluginError {
@@ -539,6 +625,7 @@ impl LoadedPlugin {
         let mut instance = self.start(&image.pre, &image.calls).await?;
         instance.auth = image.auth;
         instance.phases = image.phases;
+        instance.reads = image.reads.clone();
         Ok(instance)
     }
 
@@ -599,7 +686,7 @@ impl LoadedPlugin {
         drop(ticking);
         let exports = instantiated.and_then(|instance| {
             let (plain, fiber) = match (plain, &calls.plain) {
-                (true, Some(indices)) => (Some(indices.load(&mut store, &instance)?), None),
+                (true, Some(exports)) => (Some(exports.load(&mut store, &instance)?), None),
                 _ => (None, Some(calls.fiber.load(&mut store, &instance)?)),
             };
             Ok((instance, plain, fiber))
@@ -618,6 +705,8 @@ impl LoadedPlugin {
             ticker: self.ticker.clone(),
             auth: false,
             phases: Phases::default(),
+            reads: None,
+            values: Vec::new(),
             _slot: slot,
         })
     }
@@ -718,9 +807,9 @@ pub struct PluginInstance {
     store: Store<PluginState>,
     component: Instance,
     /// The exports for plain calls, when the plugin's calls can be plain.
-    plain: Option<SyncPluginWorld>,
+    plain: Option<Exports<plain::Handler, plain::WithValues>>,
     /// The exports for calls on a fiber, loaded when the first such call is made.
-    fiber: Option<PluginWorld>,
+    fiber: Option<Exports<fiber::Handler, fiber::WithValues>>,
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
     /// Between `begin` and `finish`: a call whose future was dropped (the client went away)
@@ -729,6 +818,11 @@ pub struct PluginInstance {
     ticker: Arc<TickerState>,
     auth: bool,
     phases: Phases,
+    /// What the plugin reads, handed in with each call (`handler-with-values`); `None` for a
+    /// plugin without that export or that names nothing.
+    reads: Option<Arc<ReadSet>>,
+    /// The buffer the values are laid out in, kept for the instance's next call.
+    values: Vec<u8>,
     _slot: InstanceSlot,
 }
 
@@ -913,7 +1007,14 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let decision = match self.begin(Phase::Request) {
             Ok(()) => {
-                let outcome = call_export!(self, call_on_request);
+                let outcome = match self.take_values(Phase::Request) {
+                    Some(values) => {
+                        let outcome = call_with_values!(self, call_on_request, &values);
+                        self.values = values;
+                        outcome
+                    }
+                    None => call_export!(self, call_on_request),
+                };
                 match self.finish(Phase::Request, outcome) {
                     Ok(Action::Continue) => Ok(Decision::Continue),
                     Ok(Action::Respond(response)) => {
@@ -953,15 +1054,65 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let outcome = match self.begin(phase) {
             Ok(()) => {
-                let outcome = match phase {
-                    Phase::Complete => call_export!(self, call_on_complete),
-                    _ => call_export!(self, call_on_response),
+                let outcome = match (self.take_values(phase), phase) {
+                    (Some(values), Phase::Complete) => {
+                        let outcome = call_with_values!(self, call_on_complete, &values);
+                        self.values = values;
+                        outcome
+                    }
+                    (Some(values), _) => {
+                        let outcome = call_with_values!(self, call_on_response, &values);
+                        self.values = values;
+                        outcome
+                    }
+                    (None, Phase::Complete) => call_export!(self, call_on_complete),
+                    (None, _) => call_export!(self, call_on_response),
                 };
                 self.finish(phase, outcome)
             }
             Err(err) => Err(err),
         };
         (self.take_exchange(), outcome)
+    }
+
+    /// The values the plugin reads, laid out for a call in `phase` in the instance's buffer
+    /// (taken out for the call, and put back after it); `None` when the plugin names none.
+    fn take_values(&mut self, phase: Phase) -> Option<Vec<u8>> {
+        let reads = self.reads.as_ref()?;
+        let exchange = self.store.data().exchange.as_deref()?;
+        let mut values = std::mem::take(&mut self.values);
+        reads.encode(exchange, phase, &mut values);
+        Some(values)
+    }
+
+    /// Asks a configured instance what its plugin reads (`handler-with-values.reads`), and
+    /// checks the answer: a list the gateway refuses fails the configuration.
+    async fn ask_reads(&mut self) -> Result<Option<Arc<ReadSet>>, PluginError> {
+        let has_values = match &self.plain {
+            Some(exports) => exports.values.is_some(),
+            None => self
+                .fiber
+                .as_ref()
+                .is_some_and(|exports| exports.values.is_some()),
+        };
+        if !has_values {
+            return Ok(None);
+        }
+        self.begin(Phase::Configure)?;
+        let outcome = call_with_values!(self, call_reads);
+        let WitReadSet {
+            request_headers,
+            response_headers,
+            properties,
+        } = self.finish(Phase::Configure, outcome)?;
+        match ReadSet::new(request_headers, response_headers, properties) {
+            Ok(reads) => Ok(reads.map(Arc::new)),
+            Err(detail) => Err(PluginError {
+                kind: FailureKind::Config,
+                phase: Phase::Configure,
+                detail,
+            }),
+        }
     }
 
     fn take_exchange(&mut self) -> Box<Exchange> {

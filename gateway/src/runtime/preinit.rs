@@ -29,8 +29,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Instance, InstancePre, Lift, WasmList};
 use wasmtime::{CacheStore, Store};
 
-use super::bindings::{PluginWorld, PluginWorldIndices};
-use super::{CallMode, LinkError, LoadedPlugin, Phase, Phases, PluginState, Runtime, Ticking};
+use super::bindings::fiber;
+use super::{
+    CallMode, LinkError, LoadedPlugin, Phase, Phases, PluginState, ReadSet, Runtime, Ticking,
+};
 
 /// Cranelift's compiled functions, by its own key, kept while images are being made: an image,
 /// and the instrumented component it is made from, have the very functions of the plugin, so
@@ -87,6 +89,9 @@ pub struct Preinitialized {
     pub(super) calls: Arc<CallMode>,
     pub(super) phases: Phases,
     pub(super) auth: bool,
+    /// What the plugin reads with this configuration, as the instance the image was made from
+    /// said (`handler-with-values.reads`).
+    pub(super) reads: Option<Arc<ReadSet>>,
 }
 
 /// Where a plugin use's image arrives: empty while it is being made; then the image, or nothing
@@ -350,32 +355,64 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|err| format!("cannot link the instrumented component: {err:#}"))?;
+        let handler = fiber::HandlerIndices::new(&pre).map_err(|err| format!("{err:#}"))?;
         let calls = Arc::new(CallMode {
-            fiber: PluginWorldIndices::new(&pre).map_err(|err| format!("{err:#}"))?,
+            fiber: super::Exports {
+                handler: handler.clone(),
+                values: None,
+            },
             plain: None,
             slow: Default::default(),
         });
+        let with_values = match component.get_export_index(None, super::WITH_VALUES_EXPORT) {
+            Some(_) => Some(fiber::WithValuesIndices::new(&pre).map_err(|err| format!("{err:#}"))?),
+            None => None,
+        };
         let mut store = plugin.new_store(calls, false);
         let ticking = Ticking::start(&plugin.ticker);
         let configured = async {
             begin(&mut store, Phase::Configure);
             let instance = pre.instantiate_async(&mut store).await?;
             begin(&mut store, Phase::Configure);
-            let world = PluginWorld::new(&mut store, &instance)?;
-            let info = world
-                .wasmgate_plugin_handler()
+            let info = handler
+                .load(&mut store, &instance)?
                 .call_configure(&mut store, config)
                 .await?;
-            Ok::<_, wasmtime::Error>((instance, info))
+            // Asked here, as every configured instance is asked: the image's instances are
+            // never configured, so they could not be asked later.
+            let reads = match (&info, &with_values) {
+                (Ok(_), Some(with_values)) => {
+                    begin(&mut store, Phase::Configure);
+                    let reads = with_values
+                        .load(&mut store, &instance)?
+                        .call_reads(&mut store)
+                        .await?;
+                    Some(reads)
+                }
+                _ => None,
+            };
+            Ok::<_, wasmtime::Error>((instance, info, reads))
         }
         .await;
-        let (instance, info) = match configured {
-            Ok((instance, Ok(info))) => (instance, info),
-            Ok((_, Err(message))) => return Err(format!("`configure` refused: {message}").into()),
+        let (instance, info, reads) = match configured {
+            Ok((instance, Ok(info), reads)) => (instance, info, reads),
+            Ok((_, Err(message), _)) => {
+                return Err(format!("`configure` refused: {message}").into());
+            }
             Err(err) => {
                 let failure = super::classify(&mut store, Phase::Configure, err);
                 return Err(format!("`configure` failed: {failure}").into());
             }
+        };
+        let reads = match reads {
+            Some(reads) => ReadSet::new(
+                reads.request_headers,
+                reads.response_headers,
+                reads.properties,
+            )
+            .map_err(|err| format!("`reads` refused: {err}"))?
+            .map(Arc::new),
+            None => None,
         };
         let state = store.data();
         if !state.table.is_empty() {
@@ -419,6 +456,7 @@ impl Runtime {
                 complete: info.on_complete,
             },
             auth: info.auth,
+            reads: reads.clone(),
         })
     }
 }

@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
-use wasmgate_plugin_sdk::{Plugin, Request, Response, export_plugin, log, properties};
+use wasmgate_plugin_sdk::{Plugin, Reads, Request, Response, export_plugin, log, properties};
 
 /// Every field, in output order.
 pub const FIELDS: [&str; 16] = [
@@ -516,6 +516,19 @@ impl Plugin for AccessLog {
                 .collect(),
             redact_query: config.redact_query.into_iter().collect(),
         })
+    }
+
+    fn reads(&self) -> Reads {
+        // The status comes with every completion call. `content-length` is left out: it is
+        // read only when the upstream was not called.
+        let reads = Reads::new().properties(self.keys.keys());
+        match self.wants(field::HEADERS) {
+            true => self
+                .headers
+                .iter()
+                .fold(reads, |reads, name| reads.request_header(name)),
+            false => reads,
+        }
     }
 
     fn on_complete(&self, request: &Request, response: &Response) {

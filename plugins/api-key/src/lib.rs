@@ -18,7 +18,9 @@
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
-use wasmgate_plugin_sdk::{Action, ImmediateResponse, Plugin, Request, export_plugin, properties};
+use wasmgate_plugin_sdk::{
+    Action, ImmediateResponse, Plugin, Reads, Request, export_plugin, properties,
+};
 
 /// The plugin's configuration.
 #[derive(Debug, Deserialize)]
@@ -154,6 +156,13 @@ impl Plugin for ApiKey {
             query: config.query,
             forward_consumer: config.forward_consumer,
         })
+    }
+
+    fn reads(&self) -> Reads {
+        match &self.query {
+            Some(_) => Reads::new().property("wasmgate.query"),
+            None => Reads::new().request_header(&self.header),
+        }
     }
 
     fn on_request(&self, request: &mut Request) -> Action {

@@ -19,7 +19,9 @@
 //! header at all, so the browser refuses the response.
 
 use serde::Deserialize;
-use wasmgate_plugin_sdk::{Action, ImmediateResponse, Plugin, Request, Response, export_plugin};
+use wasmgate_plugin_sdk::{
+    Action, ImmediateResponse, Plugin, Reads, Request, Response, export_plugin,
+};
 
 /// The plugin's configuration.
 #[derive(Debug, Deserialize)]
@@ -203,6 +205,11 @@ impl Plugin for Cors {
             credentials: config.allow_credentials,
             max_age: config.max_age,
         })
+    }
+
+    fn reads(&self) -> Reads {
+        // Every request's `origin`; the rest only for a preflight, read then.
+        Reads::new().request_header("origin")
     }
 
     fn on_request(&self, request: &mut Request) -> Action {

@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use wasmgate_plugin_sdk::{
-    Action, EditHeaders, HostError, ImmediateResponse, Plugin, Request, Response, log, properties,
+    Action, EditHeaders, HostError, ImmediateResponse, Plugin, Reads, Request, Response, log,
+    properties,
 };
 
 /// The plugin's configuration.
@@ -229,6 +230,39 @@ impl Rewrite {
     }
 }
 
+/// Which headers a rewrite edits.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
+}
+
+impl Rewrite {
+    /// Adds to `reads` what this rewrite reads for every request: its placeholders, and the
+    /// headers it renames.
+    fn reads(&self, reads: Reads, side: Side) -> Reads {
+        let renamed = self
+            .rename
+            .iter()
+            .fold(reads, |reads, (from, _)| match side {
+                Side::Request => reads.request_header(from),
+                Side::Response => reads.response_header(from),
+            });
+        self.set
+            .iter()
+            .chain(&self.add)
+            .flat_map(|(_, template)| &template.0)
+            .fold(renamed, |reads, part| match part {
+                Part::Literal(_) => reads,
+                Part::ClientAddr => reads.property("wasmgate.client_addr"),
+                Part::Route => reads.property("wasmgate.route"),
+                Part::RequestId => reads.request_header("x-request-id"),
+                Part::Header(name) => reads.request_header(name),
+                Part::Property(key) => reads.property(key),
+            })
+    }
+}
+
 /// What the placeholders of a request read, gathered before any edit.
 fn lookup_for(request: &Request) -> impl Fn(&Part) -> Option<String> + '_ {
     move |part| match part {
@@ -255,6 +289,11 @@ impl Plugin for HeaderRewrite {
             request: Rewrite::new(config.request, "request")?,
             response: Rewrite::new(config.response, "response")?,
         })
+    }
+
+    fn reads(&self) -> Reads {
+        let reads = self.request.reads(Reads::new(), Side::Request);
+        self.response.reads(reads, Side::Response)
     }
 
     fn on_request(&self, request: &mut Request) -> Action {

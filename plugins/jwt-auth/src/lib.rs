@@ -31,7 +31,9 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use wasmgate_plugin_sdk::{Action, ImmediateResponse, Plugin, Request, export_plugin, properties};
+use wasmgate_plugin_sdk::{
+    Action, ImmediateResponse, Plugin, Reads, Request, export_plugin, properties,
+};
 
 /// The plugin's configuration.
 #[derive(Debug, Deserialize)]
@@ -703,6 +705,16 @@ impl Plugin for JwtAuth {
         Ok(JwtAuth {
             verifier: Verifier::new(config)?,
         })
+    }
+
+    fn reads(&self) -> Reads {
+        // What `find_tokens` reads, for every request.
+        let query = Reads::new().property("wasmgate.query");
+        match &self.verifier.config().token {
+            TokenSource::Header(name) => query.request_header(name),
+            TokenSource::Cookie(_) => Reads::new().request_header("cookie"),
+            TokenSource::Query(_) => query,
+        }
     }
 
     fn on_request(&self, request: &mut Request) -> Action {
