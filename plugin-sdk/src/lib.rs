@@ -251,10 +251,29 @@ impl Reads {
         self
     }
 
-    /// Adds several properties, such as a [`properties::KeyList`]'s keys.
+    /// Adds several properties.
     pub fn properties<'k>(self, keys: impl IntoIterator<Item = &'k String>) -> Reads {
         keys.into_iter()
             .fold(self, |reads, key| reads.property(key))
+    }
+
+    /// Adds a key list's keys, so that [`properties::KeyList::read`] takes them, together, from
+    /// what is handed in (when none of them is named already and all of them fit; otherwise
+    /// they are read as the list is without it).
+    pub fn key_list(mut self, list: &properties::KeyList) -> Reads {
+        let keys = list.keys();
+        let offset = self.properties.len();
+        let fits = offset + keys.len() <= MAX_READS
+            && keys.iter().all(|key| key.len() <= MAX_PROPERTY_KEY)
+            && keys
+                .iter()
+                .enumerate()
+                .all(|(at, key)| !self.properties.contains(key) && !keys[..at].contains(key));
+        if fits {
+            self.properties.extend(keys.iter().cloned());
+            let _ = list.offset.set(offset);
+        }
+        self
     }
 
     /// The request headers named, lower-case, in order.
@@ -346,19 +365,17 @@ impl Request {
 
     /// The query string without the leading `?`, if there is one.
     pub fn query(&self) -> Option<String> {
-        view::property("wasmgate.query", |value| value.map(str::to_owned))
-            .unwrap_or_else(wit::request::query)
+        view::property("wasmgate.query").unwrap_or_else(wit::request::query)
     }
 
     /// The first value of a header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<String> {
-        view::header(view::Side::Request, name, |values| values.first().cloned())
-            .unwrap_or_else(|| wit::request::header(name))
+        view::header_first(view::Side::Request, name).unwrap_or_else(|| wit::request::header(name))
     }
 
     /// Every value of a header, in order.
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        view::header(view::Side::Request, name, <[String]>::to_vec)
+        view::header_values(view::Side::Request, name)
             .unwrap_or_else(|| wit::request::header_values(name))
     }
 
@@ -430,13 +447,13 @@ impl Response {
 
     /// The first value of a header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<String> {
-        view::header(view::Side::Response, name, |values| values.first().cloned())
+        view::header_first(view::Side::Response, name)
             .unwrap_or_else(|| wit::response::header(name))
     }
 
     /// Every value of a header, in order.
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        view::header(view::Side::Response, name, <[String]>::to_vec)
+        view::header_values(view::Side::Response, name)
             .unwrap_or_else(|| wit::response::header_values(name))
     }
 
@@ -509,8 +526,7 @@ pub mod properties {
 
     /// The value of a property, if a plugin earlier in the chain set it.
     pub fn get(key: &str) -> Option<String> {
-        crate::view::property(key, |value| value.map(str::to_owned))
-            .unwrap_or_else(|| wit::properties::get(key))
+        crate::view::property(key).unwrap_or_else(|| wit::properties::get(key))
     }
 
     /// The values of `keys`, in order, in one call out of the sandbox: for a plugin that reads
@@ -531,6 +547,9 @@ pub mod properties {
     pub struct KeyList {
         keys: Vec<String>,
         handle: std::sync::OnceLock<u32>,
+        /// Where the keys are in [`Reads`] when they were named there together
+        /// ([`Reads::key_list`]): then they are handed in with the call, and read from there.
+        pub(crate) offset: std::sync::OnceLock<usize>,
     }
 
     impl KeyList {
@@ -539,6 +558,7 @@ pub mod properties {
             KeyList {
                 keys,
                 handle: std::sync::OnceLock::new(),
+                offset: std::sync::OnceLock::new(),
             }
         }
 
@@ -561,7 +581,11 @@ pub mod properties {
         /// writes them out again (an access log), that is an allocation and a free per value
         /// saved.
         pub fn read(&self) -> Values {
-            if let Some(buffer) = crate::view::encode_properties(&self.keys) {
+            let handed_in = self
+                .offset
+                .get()
+                .and_then(|&offset| crate::view::property_run(offset, self.keys.len()));
+            if let Some(buffer) = handed_in {
                 return Values::new(buffer, self.keys.len());
             }
             let handle = *self
@@ -691,16 +715,17 @@ pub mod log {
 }
 
 mod view {
-    //! The values the gateway handed in with the current call (`handler-with-values`), decoded,
-    //! and kept up to date with the plugin's own edits so that a read after an edit sees it, as
-    //! a read from the gateway would.
+    //! The values the gateway handed in with the current call (`handler-with-values`): the
+    //! buffer as it came, with where each value is in it, and the plugin's own edits made
+    //! during the call on top, so that a read after an edit sees it, as a read from the gateway
+    //! would.
 
     use std::cell::RefCell;
 
     use crate::Reads;
 
     /// Which headers.
-    #[derive(Clone, Copy)]
+    #[derive(Clone, Copy, PartialEq, Eq)]
     pub(crate) enum Side {
         Request,
         Response,
@@ -713,19 +738,22 @@ mod view {
         Remove,
     }
 
-    /// The values of one call.
-    #[derive(Debug, PartialEq)]
+    /// Where something is in the buffer.
+    type Span = (u32, u32);
+
+    /// The values of one call: the buffer as it came (checked once, read in place).
     pub(crate) struct View {
-        /// What the plugin named, which the values below follow in order.
+        /// What the plugin named, which the buffer follows in order.
         reads: &'static Reads,
+        buffer: Vec<u8>,
         /// The response status; 0 in the request phase.
         status: u16,
-        /// Per named request header, its values.
-        request: Vec<Vec<String>>,
-        /// Per named response header, its values.
-        response: Vec<Vec<String>>,
-        /// Per named property, its value.
-        properties: Vec<Option<String>>,
+        /// Where the properties start in `buffer`.
+        properties_at: u32,
+        /// Headers the plugin edited in this call, with their values now.
+        edited_headers: Vec<(Side, usize, Vec<String>)>,
+        /// Properties the plugin set in this call, with their values now.
+        edited_properties: Vec<(usize, String)>,
     }
 
     thread_local! {
@@ -745,12 +773,30 @@ mod view {
         CURRENT.with(|current| current.borrow_mut().as_mut().and_then(f))
     }
 
-    /// `Some` with what `f` makes of the header's values when they were handed in; `None` when
-    /// the gateway must be asked.
-    pub(crate) fn header<R>(side: Side, name: &str, f: impl FnOnce(&[String]) -> R) -> Option<R> {
+    /// A header's values when they were handed in (`None`: ask the gateway).
+    pub(crate) fn header_values(side: Side, name: &str) -> Option<Vec<String>> {
         with(|view| {
             let index = view.header_index(side, name)?;
-            Some(f(&view.headers_mut(side)[index]))
+            if let Some(edited) = view.edited_header(side, index) {
+                return Some(edited.clone());
+            }
+            Some(
+                view.header_spans(index)
+                    .map(|span| view.text(span).to_string())
+                    .collect(),
+            )
+        })
+    }
+
+    /// A header's first value when it was handed in (`None`: ask the gateway).
+    pub(crate) fn header_first(side: Side, name: &str) -> Option<Option<String>> {
+        with(|view| {
+            let index = view.header_index(side, name)?;
+            if let Some(edited) = view.edited_header(side, index) {
+                return Some(edited.first().cloned());
+            }
+            let first = view.header_spans(index).next();
+            Some(first.map(|span| view.text(span).to_string()))
         })
     }
 
@@ -758,14 +804,28 @@ mod view {
     pub(crate) fn edit(side: Side, name: &str, edit: Edit<'_>) {
         with(|view| {
             let index = view.header_index(side, name)?;
-            let values = &mut view.headers_mut(side)[index];
-            match edit {
-                Edit::Set(value) => {
-                    values.clear();
+            let at = view
+                .edited_headers
+                .iter()
+                .position(|(s, i, _)| *s == side && *i == index);
+            // Only an addition needs the values the header had.
+            let values = match (edit, at) {
+                (Edit::Set(value), _) => vec![value.to_string()],
+                (Edit::Remove, _) => Vec::new(),
+                (Edit::Add(value), Some(at)) => {
+                    let mut values = std::mem::take(&mut view.edited_headers[at].2);
                     values.push(value.to_string());
+                    values
                 }
-                Edit::Add(value) => values.push(value.to_string()),
-                Edit::Remove => values.clear(),
+                (Edit::Add(value), None) => view
+                    .header_spans(index)
+                    .map(|span| view.text(span).to_string())
+                    .chain([value.to_string()])
+                    .collect(),
+            };
+            match at {
+                Some(at) => view.edited_headers[at].2 = values,
+                None => view.edited_headers.push((side, index, values)),
             }
             Some(())
         });
@@ -787,37 +847,62 @@ mod view {
 
     /// One of the request's own fields (always set), when its property was handed in.
     pub(crate) fn field(key: &str) -> Option<String> {
-        property(key, |value| value.map(str::to_owned)).flatten()
+        property(key).flatten()
     }
 
-    /// `Some` with what `f` makes of the property's value when it was handed in.
-    pub(crate) fn property<R>(key: &str, f: impl FnOnce(Option<&str>) -> R) -> Option<R> {
+    /// A property's value when it was handed in (`None`: ask the gateway).
+    pub(crate) fn property(key: &str) -> Option<Option<String>> {
         with(|view| {
-            let index = view.property_index(key)?;
-            Some(f(view.properties[index].as_deref()))
+            let index = view.reads.properties.iter().position(|k| k == key)?;
+            if let Some((_, value)) = view.edited_properties.iter().find(|(i, _)| *i == index) {
+                return Some(Some(value.clone()));
+            }
+            Some(
+                view.property_at(index)
+                    .map(|span| view.text(span).to_string()),
+            )
         })
     }
 
     pub(crate) fn set_property(key: &str, value: &str) {
         with(|view| {
-            let index = view.property_index(key)?;
-            view.properties[index] = Some(value.to_string());
+            let index = view.reads.properties.iter().position(|k| k == key)?;
+            view.edited_properties.retain(|(i, _)| *i != index);
+            view.edited_properties.push((index, value.to_string()));
             Some(())
         });
     }
 
-    /// The values of `keys` laid out as `properties.get-many` returns them, when every one of
-    /// them was handed in.
-    pub(crate) fn encode_properties(keys: &[String]) -> Option<Vec<u8>> {
+    /// The values of the `count` properties named from `offset` on, laid out as
+    /// `properties.get-many` returns them: a copy of the bytes as they came, unless the plugin
+    /// set one of them in this call.
+    pub(crate) fn property_run(offset: usize, count: usize) -> Option<Vec<u8>> {
         with(|view| {
-            let mut out = Vec::with_capacity(keys.len() * 24);
-            for key in keys {
-                match &view.properties[view.property_index(key)?] {
+            let end = offset.checked_add(count)?;
+            if end > view.reads.properties.len() {
+                return None;
+            }
+            if !view
+                .edited_properties
+                .iter()
+                .any(|(i, _)| (offset..end).contains(i))
+            {
+                let entries = view.property_entries(offset, end)?;
+                return Some(view.bytes(entries).to_vec());
+            }
+            let mut out = Vec::new();
+            for index in offset..end {
+                let edited = view.edited_properties.iter().find(|(i, _)| *i == index);
+                let value = match edited {
+                    Some((_, value)) => Some(value.as_bytes()),
+                    None => view.property_at(index).map(|span| view.bytes(span)),
+                };
+                match value {
                     None => out.push(0),
                     Some(value) => {
                         out.push(1);
                         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                        out.extend_from_slice(value.as_bytes());
+                        out.extend_from_slice(value);
                     }
                 }
             }
@@ -826,68 +911,128 @@ mod view {
     }
 
     impl View {
-        /// Decodes the buffer the gateway laid out for `reads`; `None` when it does not match
-        /// (then every read asks the gateway, which is slower but right).
-        pub(crate) fn decode(buffer: &[u8], reads: &'static Reads) -> Option<View> {
-            let mut at = 0usize;
-            let mut take = |n: usize| -> Option<&[u8]> {
-                let bytes = buffer.get(at..at.checked_add(n)?)?;
-                at += n;
-                Some(bytes)
-            };
-            let status = u16::from_le_bytes(take(2)?.try_into().ok()?);
-            let mut headers = |names: &[String]| -> Option<Vec<Vec<String>>> {
-                let mut out = Vec::with_capacity(names.len());
-                for _ in names {
-                    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                    // Bounded by the buffer: a value takes at least its four-byte length.
-                    let mut values = Vec::with_capacity(count.min(buffer.len() / 4));
-                    for _ in 0..count {
-                        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                        values.push(String::from_utf8(take(len)?.to_vec()).ok()?);
-                    }
-                    out.push(values);
-                }
-                Some(out)
-            };
-            let request = headers(&reads.request_headers)?;
-            let response = headers(&reads.response_headers)?;
-            let mut properties = Vec::with_capacity(reads.properties.len());
-            for _ in &reads.properties {
-                let value = match take(1)?[0] {
-                    0 => None,
-                    _ => {
-                        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                        Some(String::from_utf8(take(len)?.to_vec()).ok()?)
-                    }
-                };
-                properties.push(value);
+        /// Checks the buffer the gateway laid out for `reads`; `None` when it does not match
+        /// (then every read asks the gateway, which is slower but right). Nothing is copied or
+        /// allocated: the values are found again, by walking the buffer, when they are read.
+        pub(crate) fn decode(buffer: Vec<u8>, reads: &'static Reads) -> Option<View> {
+            let status = u16::from_le_bytes([*buffer.first()?, *buffer.get(1)?]);
+            let names = reads.request_headers.len() + reads.response_headers.len();
+            let mut at = 2;
+            for _ in 0..names {
+                at = skip_header(&buffer, at)?;
             }
-            (at == buffer.len()).then_some(View {
+            let properties_at = at;
+            for _ in &reads.properties {
+                at = skip_property(&buffer, at)?.1;
+            }
+            if at != buffer.len() {
+                return None;
+            }
+            Some(View {
                 reads,
                 status,
-                request,
-                response,
-                properties,
+                properties_at: properties_at as u32,
+                buffer,
+                edited_headers: Vec::new(),
+                edited_properties: Vec::new(),
             })
         }
 
         fn header_index(&self, side: Side, name: &str) -> Option<usize> {
-            let names = match side {
-                Side::Request => &self.reads.request_headers,
-                Side::Response => &self.reads.response_headers,
+            let (names, base) = match side {
+                Side::Request => (&self.reads.request_headers, 0),
+                Side::Response => (
+                    &self.reads.response_headers,
+                    self.reads.request_headers.len(),
+                ),
             };
-            names.iter().position(|n| n.eq_ignore_ascii_case(name))
+            let index = names.iter().position(|n| n.eq_ignore_ascii_case(name))?;
+            Some(base + index)
         }
 
-        fn property_index(&self, key: &str) -> Option<usize> {
-            self.reads.properties.iter().position(|k| k == key)
+        fn edited_header(&self, side: Side, index: usize) -> Option<&Vec<String>> {
+            self.edited_headers
+                .iter()
+                .find(|(s, i, _)| *s == side && *i == index)
+                .map(|(_, _, values)| values)
         }
 
-        fn headers_mut(&mut self, side: Side) -> &mut Vec<Vec<String>> {
-            match side {
-                Side::Request => &mut self.request,
-                Side::Response => &mut self.response,
+        /// The values of the `index`th header named (request headers first).
+        fn header_spans(&self, index: usize) -> impl Iterator<Item = Span> + '_ {
+            let mut at = 2;
+            for _ in 0..index {
+                // Checked by `decode`.
+                at = skip_header(&self.buffer, at).unwrap_or(self.buffer.len());
+            }
+            let count = word(&self.buffer, at).unwrap_or(0);
+            at += 4;
+            (0..count).map_while(move |_| {
+                let len = word(&self.buffer, at)?;
+                let span = ((at + 4) as u32, (at + 4 + len) as u32);
+                at += 4 + len;
+                Some(span)
+            })
+        }
+
+        /// The value of the `index`th property named, and where its entry ends.
+        fn property_at(&self, index: usize) -> Option<Span> {
+            let mut at = self.properties_at as usize;
+            for _ in 0..index {
+                at = skip_property(&self.buffer, at)?.1;
+            }
+            skip_property(&self.buffer, at)?.0
+        }
+
+        /// Where the entries of the properties `from..to` start and end.
+        fn property_entries(&self, from: usize, to: usize) -> Option<Span> {
+            let mut at = self.properties_at as usize;
+            let mut start = at;
+            for index in 0..to {
+                if index == from {
+                    start = at;
+                }
+                at = skip_property(&self.buffer, at)?.1;
+            }
+            Some((start as u32, at as u32))
+        }
+
+        fn bytes(&self, (start, end): Span) -> &[u8] {
+            &self.buffer[start as usize..end as usize]
+        }
+
+        /// A value as text; the gateway sends UTF-8 (headers with anything else replaced), so
+        /// the check is for a broken buffer, which reads as empty rather than panicking.
+        fn text(&self, span: Span) -> &str {
+            std::str::from_utf8(self.bytes(span)).unwrap_or_default()
+        }
+    }
+
+    /// The four bytes at `at`, little-endian.
+    fn word(buffer: &[u8], at: usize) -> Option<usize> {
+        let bytes = buffer.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize)
+    }
+
+    /// Where the header entry at `at` (a count, then each value's length and bytes) ends.
+    fn skip_header(buffer: &[u8], at: usize) -> Option<usize> {
+        let count = word(buffer, at)?;
+        let mut at = at + 4;
+        for _ in 0..count {
+            at = at.checked_add(4)?.checked_add(word(buffer, at)?)?;
+        }
+        (at <= buffer.len()).then_some(at)
+    }
+
+    /// The value of the property entry at `at` (`get-many`'s layout), and where it ends.
+    fn skip_property(buffer: &[u8], at: usize) -> Option<(Option<Span>, usize)> {
+        match *buffer.get(at)? {
+            0 => Some((None, at + 1)),
+            _ => {
+                let len = word(buffer, at + 1)?;
+                let end = (at + 5)
+                    .checked_add(len)
+                    .filter(|end| *end <= buffer.len())?;
+                Some((Some(((at + 5) as u32, end as u32)), end))
             }
         }
     }
@@ -1010,7 +1155,7 @@ mod glue {
     pub fn with_values<R>(values: Vec<u8>, call: impl FnOnce() -> R) -> R {
         let view = READS
             .get()
-            .and_then(|reads| view::View::decode(&values, reads));
+            .and_then(|reads| view::View::decode(values, reads));
         view::during(view, call)
     }
 

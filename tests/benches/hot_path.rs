@@ -136,6 +136,23 @@ fn plugin_invocation(c: &mut Criterion) {
             })
         })
     });
+    // The same call, with the two headers read through host calls (each one out of the
+    // sandbox and, to place the string, back in), as before contract 0.2.3.
+    let mut host_reads = tokio
+        .block_on(plugin.instantiate(r#"{"host_reads": true}"#))
+        .unwrap();
+    group.bench_function(
+        "on_request on a live instance, reads through host calls (2 reads, 1 write)",
+        |b| {
+            b.iter(|| {
+                tokio.block_on(async {
+                    let (exchange, decision) = host_reads.on_request(exchange()).await;
+                    assert!(matches!(decision, Ok(Decision::Continue)));
+                    exchange
+                })
+            })
+        },
+    );
     // The fixture's response phase is the SDK's default, which does nothing: what entering and
     // leaving a plugin costs, apart from any host call.
     group.bench_function("empty call on a live instance (no host calls)", |b| {

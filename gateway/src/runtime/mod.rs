@@ -463,36 +463,44 @@ struct Exports<H, V> {
     values: Option<V>,
 }
 
-impl Exports<fiber::HandlerIndices, fiber::WithValuesIndices> {
-    fn load(
-        &self,
-        store: &mut Store<PluginState>,
-        instance: &Instance,
-    ) -> wasmtime::Result<Exports<fiber::Handler, fiber::WithValues>> {
-        Ok(Exports {
-            handler: self.handler.load(&mut *store, instance)?,
-            values: match &self.values {
-                Some(values) => Some(values.load(&mut *store, instance)?),
-                None => None,
-            },
-        })
+/// The exports of one instance, loaded the first time a call needs them: a fresh instance
+/// usually makes one or two calls, and loading an export checks its type.
+struct Loaded<H, V> {
+    handler: Option<H>,
+    values: Option<V>,
+}
+
+impl<H, V> Default for Loaded<H, V> {
+    fn default() -> Self {
+        Loaded {
+            handler: None,
+            values: None,
+        }
     }
 }
 
-impl Exports<plain::HandlerIndices, plain::WithValuesIndices> {
-    fn load(
-        &self,
-        store: &mut Store<PluginState>,
-        instance: &Instance,
-    ) -> wasmtime::Result<Exports<plain::Handler, plain::WithValues>> {
-        Ok(Exports {
-            handler: self.handler.load(&mut *store, instance)?,
-            values: match &self.values {
-                Some(values) => Some(values.load(&mut *store, instance)?),
-                None => None,
-            },
-        })
-    }
+/// Loads, into `$loaded`, the interface a call needs (`handler-with-values` when `$values`)
+/// from the `$indices` of the same kind (plain or fiber).
+macro_rules! ensure_loaded {
+    ($loaded:expr, $indices:expr, $values:expr, $store:expr, $instance:expr) => {{
+        let indices = $indices;
+        match $values {
+            true if $loaded.values.is_none() => {
+                let values = indices
+                    .values
+                    .as_ref()
+                    .expect("only a plugin with `handler-with-values` has reads");
+                values
+                    .load(&mut $store, $instance)
+                    .map(|values| $loaded.values = Some(values))
+            }
+            false if $loaded.handler.is_none() => indices
+                .handler
+                .load(&mut $store, $instance)
+                .map(|handler| $loaded.handler = Some(handler)),
+            _ => Ok(()),
+        }
+    }};
 }
 
 impl CallMode {
@@ -506,16 +514,19 @@ impl CallMode {
 /// [`PluginInstance::begin`] decided (the two are different generated types, one method async).
 macro_rules! call_export {
     ($instance:expr, $export:ident $(, $arg:expr)*) => {
-        match &$instance.plain {
-            Some(exports) if !$instance.store.data().on_fiber => exports
+        match $instance.store.data().on_fiber {
+            false => $instance
+                .plain
                 .handler
+                .as_ref()
+                .expect("`begin` loads the exports a call needs")
                 .$export(&mut $instance.store $(, $arg)*),
-            _ => {
+            true => {
                 $instance
                     .fiber
-                    .as_ref()
-                    .expect("`begin` loads the exports for calls on a fiber")
                     .handler
+                    .as_ref()
+                    .expect("`begin` loads the exports a call needs")
                     .$export(&mut $instance.store $(, $arg)*)
                     .await
             }
@@ -527,20 +538,19 @@ macro_rules! call_export {
 /// for an instance whose plugin has them (it has a [`ReadSet`]).
 macro_rules! call_with_values {
     ($instance:expr, $export:ident $(, $arg:expr)*) => {
-        match &$instance.plain {
-            Some(exports) if !$instance.store.data().on_fiber => exports
+        match $instance.store.data().on_fiber {
+            false => $instance
+                .plain
                 .values
                 .as_ref()
-                .expect("only a plugin with `handler-with-values` has reads")
+                .expect("`begin` loads the exports a call needs")
                 .$export(&mut $instance.store $(, $arg)*),
-            _ => {
+            true => {
                 $instance
                     .fiber
-                    .as_ref()
-                    .expect("`begin` loads the exports for calls on a fiber")
                     .values
                     .as_ref()
-                    .expect("only a plugin with `handler-with-values` has reads")
+                    .expect("`begin` loads the exports a call needs")
                     .$export(&mut $instance.store $(, $arg)*)
                     .await
             }
@@ -588,7 +598,7 @@ impl LoadedPlugin {
     /// [`FailureKind::Overloaded`] when the plugin's instance cap is reached.
     pub async fn instantiate(&self, config: &str) -> Result<PluginInstance, PluginError> {
         let mut instance = self.start(&self.pre, &self.calls).await?;
-        instance.begin(Phase::Configure)?;
+        instance.begin(Phase::Configure, false)?;
         let outcome = call_export!(instance, call_configure, config);
         match instance.finish(Phase::Configure, outcome)? {
             Ok(info) if info.auth && !info.on_request => Err(PluginError {
@@ -684,22 +694,16 @@ impl LoadedPlugin {
             false => pre.instantiate_async(&mut store).await,
         };
         drop(ticking);
-        let exports = instantiated.and_then(|instance| {
-            let (plain, fiber) = match (plain, &calls.plain) {
-                (true, Some(exports)) => (Some(exports.load(&mut store, &instance)?), None),
-                _ => (None, Some(calls.fiber.load(&mut store, &instance)?)),
-            };
-            Ok((instance, plain, fiber))
-        });
-        let (component, plain, fiber) = match exports {
-            Ok(exports) => exports,
+        let component = match instantiated {
+            Ok(instance) => instance,
             Err(err) => return Err(classify(&mut store, Phase::Configure, err)),
         };
         Ok(PluginInstance {
             store,
             component,
-            plain,
-            fiber,
+            started_plain: plain,
+            plain: Loaded::default(),
+            fiber: Loaded::default(),
             poisoned: false,
             in_call: None,
             ticker: self.ticker.clone(),
@@ -806,10 +810,12 @@ impl Drop for InstanceSlot {
 pub struct PluginInstance {
     store: Store<PluginState>,
     component: Instance,
-    /// The exports for plain calls, when the plugin's calls can be plain.
-    plain: Option<Exports<plain::Handler, plain::WithValues>>,
-    /// The exports for calls on a fiber, loaded when the first such call is made.
-    fiber: Option<Exports<fiber::Handler, fiber::WithValues>>,
+    /// Whether the instance was started with a plain call, so that its calls can be plain.
+    started_plain: bool,
+    /// The exports for plain calls, loaded as calls need them.
+    plain: Loaded<plain::Handler, plain::WithValues>,
+    /// The exports for calls on a fiber, loaded as calls need them.
+    fiber: Loaded<fiber::Handler, fiber::WithValues>,
     /// Set by a failed call: the instance is never entered again.
     poisoned: bool,
     /// Between `begin` and `finish`: a call whose future was dropped (the client went away)
@@ -866,7 +872,11 @@ impl PluginInstance {
 /// `pooled`: a request then skips instantiation and `configure`, at the price of the plugin's
 /// globals living on from one request to the next.
 pub struct InstancePool {
-    idle: std::sync::Mutex<Vec<PluginInstance>>,
+    // Boxed, here and in a `Lease`: an instance is a few hundred bytes, and unboxed it was
+    // copied at every hand-over (pool, lease, the futures that hold it): ~4k instructions per
+    // request in memcpy for a chain of three (`bench/instructions.py`).
+    #[allow(clippy::vec_box)]
+    idle: std::sync::Mutex<Vec<Box<PluginInstance>>>,
     max_idle: usize,
 }
 
@@ -894,7 +904,7 @@ impl InstancePool {
 
     /// Keeps an idle, configured instance for a later request, unless the pool is full or the
     /// instance cannot be reused.
-    fn put(&self, instance: PluginInstance) {
+    fn put(&self, instance: Box<PluginInstance>) {
         if instance.reusable() {
             let mut idle = self.lock();
             if idle.len() < self.max_idle {
@@ -903,7 +913,8 @@ impl InstancePool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PluginInstance>> {
+    #[allow(clippy::vec_box)]
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<PluginInstance>>> {
         // Pushing and popping leave the vector consistent whatever panics elsewhere.
         self.idle
             .lock()
@@ -914,7 +925,7 @@ impl InstancePool {
 /// An instance lent to one request; with a pool, it goes back when the lease ends, unless a call
 /// failed or was cut off.
 pub struct Lease {
-    instance: Option<PluginInstance>,
+    instance: Option<Box<PluginInstance>>,
     pool: Option<Arc<InstancePool>>,
 }
 
@@ -942,7 +953,7 @@ impl Lease {
             None => plugin.instantiate(config).await?,
         };
         Ok(Lease {
-            instance: Some(instance),
+            instance: Some(Box::new(instance)),
             pool: pool.cloned(),
         })
     }
@@ -1005,7 +1016,7 @@ impl PluginInstance {
         exchange: Box<Exchange>,
     ) -> (Box<Exchange>, Result<Decision, PluginError>) {
         self.store.data_mut().exchange = Some(exchange);
-        let decision = match self.begin(Phase::Request) {
+        let decision = match self.begin(Phase::Request, self.reads.is_some()) {
             Ok(()) => {
                 let outcome = match self.take_values(Phase::Request) {
                     Some(values) => {
@@ -1052,7 +1063,7 @@ impl PluginInstance {
         phase: Phase,
     ) -> (Box<Exchange>, Result<(), PluginError>) {
         self.store.data_mut().exchange = Some(exchange);
-        let outcome = match self.begin(phase) {
+        let outcome = match self.begin(phase, self.reads.is_some()) {
             Ok(()) => {
                 let outcome = match (self.take_values(phase), phase) {
                     (Some(values), Phase::Complete) => {
@@ -1088,17 +1099,10 @@ impl PluginInstance {
     /// Asks a configured instance what its plugin reads (`handler-with-values.reads`), and
     /// checks the answer: a list the gateway refuses fails the configuration.
     async fn ask_reads(&mut self) -> Result<Option<Arc<ReadSet>>, PluginError> {
-        let has_values = match &self.plain {
-            Some(exports) => exports.values.is_some(),
-            None => self
-                .fiber
-                .as_ref()
-                .is_some_and(|exports| exports.values.is_some()),
-        };
-        if !has_values {
+        if self.store.data().call_mode.fiber.values.is_none() {
             return Ok(None);
         }
-        self.begin(Phase::Configure)?;
+        self.begin(Phase::Configure, true)?;
         let outcome = call_with_values!(self, call_reads);
         let WitReadSet {
             request_headers,
@@ -1123,9 +1127,10 @@ impl PluginInstance {
             .expect("the exchange stays in the store for the whole call")
     }
 
-    /// Prepares a call: refuses a poisoned instance, resets the per-call budget, and decides
-    /// whether the call is plain or on a fiber ([`CallMode`]).
-    fn begin(&mut self, phase: Phase) -> Result<(), PluginError> {
+    /// Prepares a call: refuses a poisoned instance, resets the per-call budget, decides
+    /// whether the call is plain or on a fiber ([`CallMode`]), and loads the exports it needs
+    /// (`handler-with-values`'s when `with_values`).
+    fn begin(&mut self, phase: Phase, with_values: bool) -> Result<(), PluginError> {
         if self.poisoned {
             return Err(PluginError {
                 kind: FailureKind::Trap,
@@ -1133,17 +1138,32 @@ impl PluginInstance {
                 detail: "the instance failed earlier and is not entered again".into(),
             });
         }
-        let plain = self.plain.is_some() && self.store.data().call_mode.plain();
-        if !plain && self.fiber.is_none() {
-            let calls = self.store.data().call_mode.clone();
-            match calls.fiber.load(&mut self.store, &self.component) {
-                Ok(world) => self.fiber = Some(world),
-                Err(err) => {
-                    self.poisoned = true;
-                    return Err(classify(&mut self.store, phase, err));
-                }
-            }
+        let calls = self.store.data().call_mode.clone();
+        let plain = match &calls.plain {
+            Some(indices) if self.started_plain && calls.plain() => Some(indices),
+            _ => None,
+        };
+        let loaded: wasmtime::Result<()> = match plain {
+            Some(indices) => ensure_loaded!(
+                self.plain,
+                indices,
+                with_values,
+                self.store,
+                &self.component
+            ),
+            None => ensure_loaded!(
+                self.fiber,
+                &calls.fiber,
+                with_values,
+                self.store,
+                &self.component
+            ),
+        };
+        if let Err(err) = loaded {
+            self.poisoned = true;
+            return Err(classify(&mut self.store, phase, err));
         }
+        let plain = plain.is_some();
         let state = self.store.data_mut();
         state.on_fiber = !plain;
         state.phase = phase;

@@ -521,7 +521,7 @@ impl Plugin for AccessLog {
     fn reads(&self) -> Reads {
         // The status comes with every completion call. `content-length` is left out: it is
         // read only when the upstream was not called.
-        let reads = Reads::new().properties(self.keys.keys());
+        let reads = Reads::new().key_list(&self.keys);
         match self.wants(field::HEADERS) {
             true => self
                 .headers
