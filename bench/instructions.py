@@ -59,7 +59,7 @@ def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections,
         env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4",
              # wasmtime writes /tmp/perf-PID.map, which names the compiled plugins' functions.
              **({"WASMGATE_PERF_MAP": "1"} if plugin_functions else {})},
-        log=f"{dir}/gateway-{label}.log")
+        log=f"{dir}/gateway-{label}.log", images=not floor and bool(chain) and isolation == "per-request")
     try:
         upstream.start(dir)
         # Under valgrind the CPU has other features, so the plugin cache holds code compiled

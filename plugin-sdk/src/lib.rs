@@ -720,7 +720,7 @@ mod view {
     //! during the call on top, so that a read after an edit sees it, as a read from the gateway
     //! would.
 
-    use std::cell::RefCell;
+    use std::sync::{Mutex, MutexGuard};
 
     use crate::Reads;
 
@@ -756,21 +756,28 @@ mod view {
         edited_properties: Vec<(usize, String)>,
     }
 
-    thread_local! {
-        // A component has one thread; this is a global with a borrow check.
-        static CURRENT: RefCell<Option<View>> = const { RefCell::new(None) };
+    // A component has one thread, so the lock is never contended; it is a `static` rather
+    // than a `thread_local!` because a thread-local with a destructor registers it at its first
+    // use, which in a fresh instance per request is every request.
+    static CURRENT: Mutex<Option<View>> = Mutex::new(None);
+
+    fn current() -> MutexGuard<'static, Option<View>> {
+        // A panic traps the instance; nothing runs in it after one.
+        CURRENT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `call` with `view` as the current call's values, and forgets them after it.
     pub(crate) fn during<R>(view: Option<View>, call: impl FnOnce() -> R) -> R {
-        CURRENT.with(|current| *current.borrow_mut() = view);
+        *current() = view;
         let result = call();
-        CURRENT.with(|current| *current.borrow_mut() = None);
+        *current() = None;
         result
     }
 
     fn with<R>(f: impl FnOnce(&mut View) -> Option<R>) -> Option<R> {
-        CURRENT.with(|current| current.borrow_mut().as_mut().and_then(f))
+        current().as_mut().and_then(f)
     }
 
     /// A header's values when they were handed in (`None`: ask the gateway).

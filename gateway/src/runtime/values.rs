@@ -16,6 +16,9 @@ use super::host::property;
 /// Most names in each list of a plugin's reads (the same bound as a request's properties).
 const MAX_READS: usize = 64;
 
+/// What a buffer is first given room for.
+const FIRST_CAPACITY: usize = 512;
+
 /// The longest property key (as `properties.set` allows).
 const MAX_PROPERTY_KEY: usize = 256;
 
@@ -85,6 +88,9 @@ impl ReadSet {
     /// contract's `handler-with-values` says.
     pub fn encode(&self, exchange: &Exchange, phase: Phase, out: &mut Vec<u8>) {
         out.clear();
+        // A fresh instance's buffer is empty: one allocation of a size that holds the usual
+        // values, rather than a doubling at each of the first few.
+        out.reserve(FIRST_CAPACITY);
         let response = match phase {
             Phase::Response | Phase::Complete => exchange.response.as_ref(),
             Phase::Configure | Phase::Request => None,
