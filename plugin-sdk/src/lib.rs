@@ -1302,3 +1302,120 @@ mod tests {
         assert!(!err.contains("line"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod view_tests {
+    use super::properties::KeyList;
+    use super::view::{self, Edit, Side, View};
+    use super::{Reads, Response};
+
+    /// A buffer laid out as the gateway lays it out (contract 0.2.3, `handler-with-values`).
+    fn buffer(status: u16, headers: &[&[&str]], properties: &[Option<&str>]) -> Vec<u8> {
+        let mut out = status.to_le_bytes().to_vec();
+        let push = |out: &mut Vec<u8>, bytes: &[u8]| {
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        };
+        for values in headers {
+            out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+            for value in *values {
+                push(&mut out, value.as_bytes());
+            }
+        }
+        for value in properties {
+            match value {
+                None => out.push(0),
+                Some(value) => {
+                    out.push(1);
+                    push(&mut out, value.as_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn values_are_read_in_place_and_edits_are_seen_by_later_reads() {
+        let list = KeyList::new(vec!["wasmgate.method".into(), "unset".into()]);
+        let reads: &'static Reads = Box::leak(Box::new(
+            Reads::new()
+                .request_header("X-One")
+                .request_header("x-two")
+                .response_header("x-up")
+                .property("subject")
+                .key_list(&list),
+        ));
+        let values = buffer(
+            200,
+            &[&["a"], &["b", "c"], &[]],
+            &[Some("alice"), Some("GET"), None],
+        );
+        let view = View::decode(values.clone(), reads).expect("a buffer laid out for the reads");
+        view::during(Some(view), || {
+            assert_eq!(
+                view::header_first(Side::Request, "x-one"),
+                Some(Some("a".into()))
+            );
+            assert_eq!(
+                view::header_values(Side::Request, "X-TWO"),
+                Some(vec!["b".into(), "c".into()])
+            );
+            assert_eq!(view::header_values(Side::Response, "x-up"), Some(vec![]));
+            // Not named: the gateway is asked.
+            assert_eq!(view::header_first(Side::Request, "x-other"), None);
+            assert_eq!(Response { _private: () }.status(), 200);
+            assert_eq!(view::property("subject"), Some(Some("alice".into())));
+            assert_eq!(view::field("wasmgate.method"), Some("GET".into()));
+            assert_eq!(view::property("unset"), Some(None));
+            assert_eq!(view::property("other"), None);
+            // The key list's run, as `get-many` lays it out.
+            let run = view::property_run(1, 2).unwrap();
+            assert_eq!(run, [1, 3, 0, 0, 0, b'G', b'E', b'T', 0]);
+            assert_eq!(list.read().get(0), Some("GET"));
+
+            view::edit(Side::Request, "x-two", Edit::Add("d"));
+            assert_eq!(
+                view::header_values(Side::Request, "x-two"),
+                Some(vec!["b".into(), "c".into(), "d".into()])
+            );
+            view::edit(Side::Request, "X-Two", Edit::Set("e"));
+            assert_eq!(
+                view::header_first(Side::Request, "x-two"),
+                Some(Some("e".into()))
+            );
+            view::edit(Side::Request, "x-one", Edit::Remove);
+            assert_eq!(view::header_values(Side::Request, "x-one"), Some(vec![]));
+            view::set_property("unset", "now");
+            assert_eq!(view::property("unset"), Some(Some("now".into())));
+            assert_eq!(list.read().get(1), Some("now"));
+        });
+        // Gone after the call.
+        assert_eq!(view::property("subject"), None);
+
+        // A buffer that does not match the reads is refused whole: every read asks the gateway.
+        assert!(View::decode(values[..values.len() - 1].to_vec(), reads).is_none());
+        let mut longer = values.clone();
+        longer.push(0);
+        assert!(View::decode(longer, reads).is_none());
+        let mut lying = values;
+        lying[2] = 9; // x-one claims nine values
+        assert!(View::decode(lying, reads).is_none());
+    }
+
+    #[test]
+    fn a_key_list_takes_its_run_only_when_its_keys_were_not_named_already() {
+        let list = KeyList::new(vec!["a".into(), "b".into()]);
+        let reads = Reads::new().property("b").key_list(&list);
+        assert_eq!(reads.property_keys(), ["b"]);
+        assert!(list.offset.get().is_none());
+        let list = KeyList::new(vec!["a".into(), "b".into()]);
+        let reads = Reads::new().property("c").key_list(&list);
+        assert_eq!(reads.property_keys(), ["c", "a", "b"]);
+        assert_eq!(list.offset.get(), Some(&1));
+        // Names that are not header names are left out.
+        let reads = Reads::new()
+            .request_header("bad name")
+            .request_header("Good");
+        assert_eq!(reads.request_headers(), ["good"]);
+    }
+}
