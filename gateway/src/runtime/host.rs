@@ -16,7 +16,7 @@ use super::budget::FailureKind;
 use super::exchange::{Exchange, Phase, checked_header, checked_name};
 
 /// Most properties one request may carry, and the longest key and value.
-const MAX_PROPERTIES: usize = 64;
+pub(super) const MAX_PROPERTIES: usize = 64;
 
 /// Most prepared key lists (`properties.prepare`) one instance keeps.
 const MAX_PREPARED: usize = 16;
@@ -38,7 +38,7 @@ fn values_of(exchange: &Exchange, keys: &[String]) -> Vec<u8> {
     }
     out
 }
-const MAX_PROPERTY_KEY: usize = 256;
+pub(super) const MAX_PROPERTY_KEY: usize = 256;
 const MAX_PROPERTY_VALUE: usize = 16 << 10;
 /// How many host calls pass between two deadline checks in host calls.
 const DEADLINE_CHECK_EVERY: u32 = 32;

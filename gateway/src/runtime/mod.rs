@@ -510,45 +510,22 @@ impl CallMode {
     }
 }
 
-/// Calls one of the `handler` exports on a [`PluginInstance`], plainly or on a fiber as
-/// [`PluginInstance::begin`] decided (the two are different generated types, one method async).
+/// Calls an export on a [`PluginInstance`]: one of `handler`'s (`$interface` is `handler`) or of
+/// `handler-with-values`'s (`values`), plainly or on a fiber as [`PluginInstance::begin`]
+/// decided, which also loaded it (the two ways are different generated types, one of them async).
 macro_rules! call_export {
-    ($instance:expr, $export:ident $(, $arg:expr)*) => {
+    ($instance:expr, $interface:ident, $export:ident $(, $arg:expr)*) => {
         match $instance.store.data().on_fiber {
             false => $instance
                 .plain
-                .handler
+                .$interface
                 .as_ref()
                 .expect("`begin` loads the exports a call needs")
                 .$export(&mut $instance.store $(, $arg)*),
             true => {
                 $instance
                     .fiber
-                    .handler
-                    .as_ref()
-                    .expect("`begin` loads the exports a call needs")
-                    .$export(&mut $instance.store $(, $arg)*)
-                    .await
-            }
-        }
-    };
-}
-
-/// Calls one of the `handler-with-values` exports, as [`call_export!`] calls `handler`'s. Only
-/// for an instance whose plugin has them (it has a [`ReadSet`]).
-macro_rules! call_with_values {
-    ($instance:expr, $export:ident $(, $arg:expr)*) => {
-        match $instance.store.data().on_fiber {
-            false => $instance
-                .plain
-                .values
-                .as_ref()
-                .expect("`begin` loads the exports a call needs")
-                .$export(&mut $instance.store $(, $arg)*),
-            true => {
-                $instance
-                    .fiber
-                    .values
+                    .$interface
                     .as_ref()
                     .expect("`begin` loads the exports a call needs")
                     .$export(&mut $instance.store $(, $arg)*)
@@ -599,7 +576,7 @@ impl LoadedPlugin {
     pub async fn instantiate(&self, config: &str) -> Result<PluginInstance, PluginError> {
         let mut instance = self.start(&self.pre, &self.calls).await?;
         instance.begin(Phase::Configure, false)?;
-        let outcome = call_export!(instance, call_configure, config);
+        let outcome = call_export!(instance, handler, call_configure, config);
         match instance.finish(Phase::Configure, outcome)? {
             Ok(info) if info.auth && !info.on_request => Err(PluginError {
                 kind: FailureKind::Config,
@@ -1020,11 +997,11 @@ impl PluginInstance {
             Ok(()) => {
                 let outcome = match self.take_values(Phase::Request) {
                     Some(values) => {
-                        let outcome = call_with_values!(self, call_on_request, &values);
+                        let outcome = call_export!(self, values, call_on_request, &values);
                         self.values = values;
                         outcome
                     }
-                    None => call_export!(self, call_on_request),
+                    None => call_export!(self, handler, call_on_request),
                 };
                 match self.finish(Phase::Request, outcome) {
                     Ok(Action::Continue) => Ok(Decision::Continue),
@@ -1065,20 +1042,18 @@ impl PluginInstance {
         self.store.data_mut().exchange = Some(exchange);
         let outcome = match self.begin(phase, self.reads.is_some()) {
             Ok(()) => {
-                let outcome = match (self.take_values(phase), phase) {
+                let values = self.take_values(phase);
+                let outcome = match (&values, phase) {
                     (Some(values), Phase::Complete) => {
-                        let outcome = call_with_values!(self, call_on_complete, &values);
-                        self.values = values;
-                        outcome
+                        call_export!(self, values, call_on_complete, values)
                     }
-                    (Some(values), _) => {
-                        let outcome = call_with_values!(self, call_on_response, &values);
-                        self.values = values;
-                        outcome
-                    }
-                    (None, Phase::Complete) => call_export!(self, call_on_complete),
-                    (None, _) => call_export!(self, call_on_response),
+                    (Some(values), _) => call_export!(self, values, call_on_response, values),
+                    (None, Phase::Complete) => call_export!(self, handler, call_on_complete),
+                    (None, _) => call_export!(self, handler, call_on_response),
                 };
+                if let Some(values) = values {
+                    self.values = values;
+                }
                 self.finish(phase, outcome)
             }
             Err(err) => Err(err),
@@ -1103,7 +1078,7 @@ impl PluginInstance {
             return Ok(None);
         }
         self.begin(Phase::Configure, true)?;
-        let outcome = call_with_values!(self, call_reads);
+        let outcome = call_export!(self, values, call_reads);
         let WitReadSet {
             request_headers,
             response_headers,

@@ -11,16 +11,13 @@ use std::borrow::Cow;
 use http::{HeaderMap, HeaderName};
 
 use super::exchange::{Exchange, Phase};
-use super::host::property;
+use super::host::{MAX_PROPERTIES, MAX_PROPERTY_KEY, property};
 
 /// Most names in each list of a plugin's reads (the same bound as a request's properties).
-const MAX_READS: usize = 64;
+const MAX_READS: usize = MAX_PROPERTIES;
 
 /// What a buffer is first given room for.
 const FIRST_CAPACITY: usize = 512;
-
-/// The longest property key (as `properties.set` allows).
-const MAX_PROPERTY_KEY: usize = 256;
 
 /// What a plugin reads in its phases, checked: the names it gave, as the gateway looks them up.
 #[derive(Debug, Clone, PartialEq, Eq)]
