@@ -48,6 +48,14 @@
 //! plugin's globals never carry one request's data into another. Within one request the same
 //! instance runs both phases: state kept in the plugin value between [`Plugin::on_request`] and
 //! [`Plugin::on_response`] belongs to that request alone.
+//!
+//! # Reads
+//!
+//! Every read of the request, the response or a property asks the gateway, a call out of the
+//! sandbox each. A plugin that reads the same values for (nearly) every request names them in
+//! [`Plugin::reads`]; the gateway then hands them in with each call (contract 0.2.3), and the same
+//! methods answer from there. Naming a value is a hint: a plugin reads the same whether it names
+//! it or not.
 
 // Lets the generated bindings name this crate by its public path, from inside and outside alike.
 extern crate self as wasmgate_plugin_sdk;
