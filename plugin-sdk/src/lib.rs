@@ -724,9 +724,8 @@ pub mod log {
 
 mod view {
     //! The values the gateway handed in with the current call (`handler-with-values`): the
-    //! buffer as it came, with where each value is in it, and the plugin's own edits made
-    //! during the call on top, so that a read after an edit sees it, as a read from the gateway
-    //! would.
+    //! buffer as it came, read in place, and the plugin's own edits made during the call on
+    //! top, so that a read after an edit sees it, as a read from the gateway would.
 
     use std::sync::{Mutex, MutexGuard};
 
