@@ -21,23 +21,29 @@ pub(super) const MAX_PROPERTIES: usize = 64;
 /// Most prepared key lists (`properties.prepare`) one instance keeps.
 const MAX_PREPARED: usize = 16;
 
-/// The values of `keys` in one buffer, as `properties.get-many` lays them out: per key `0`, or `1`,
-/// the value's length as four bytes little-endian, and its UTF-8 bytes.
+/// The values of `keys` in one buffer, as `properties.get-many` lays them out.
 fn values_of(exchange: &Exchange, keys: &[String]) -> Vec<u8> {
     let mut out = Vec::with_capacity(keys.len() * 24);
     for key in keys {
-        match property(exchange, key) {
-            None => out.push(0),
-            Some(value) => {
-                // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
-                out.push(1);
-                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                out.extend_from_slice(value.as_bytes());
-            }
-        }
+        push_property(&mut out, exchange, key);
     }
     out
 }
+
+/// One key's entry as `properties.get-many` lays it out (and `handler-with-values` too): `0`, or
+/// `1`, the value's length as four bytes little-endian, and its UTF-8 bytes.
+pub(super) fn push_property(out: &mut Vec<u8>, exchange: &Exchange, key: &str) {
+    match property(exchange, key) {
+        None => out.push(0),
+        Some(value) => {
+            // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
+            out.push(1);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+}
+
 pub(super) const MAX_PROPERTY_KEY: usize = 256;
 const MAX_PROPERTY_VALUE: usize = 16 << 10;
 /// How many host calls pass between two deadline checks in host calls.

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use http::{HeaderMap, HeaderName};
 
 use super::exchange::{Exchange, Phase};
-use super::host::{MAX_PROPERTIES, MAX_PROPERTY_KEY, property};
+use super::host::{MAX_PROPERTIES, MAX_PROPERTY_KEY, push_property};
 
 /// Most names in each list of a plugin's reads (the same bound as a request's properties).
 const MAX_READS: usize = MAX_PROPERTIES;
@@ -101,13 +101,7 @@ impl ReadSet {
             response.map(|parts| &parts.headers),
         );
         for key in &self.properties {
-            match property(exchange, key) {
-                None => out.push(0),
-                Some(value) => {
-                    out.push(1);
-                    push_bytes(out, value.as_bytes());
-                }
-            }
+            push_property(out, exchange, key);
         }
     }
 }
