@@ -16,10 +16,12 @@ the plugins built.
     python3 bench/instructions.py --chain policies --seconds 10 [--baseline OTHER_BINARY]
     python3 bench/instructions.py --seconds 6 --floor native-client   # bare path beside a floor
     python3 bench/instructions.py --chain jwt --connections 1 --plugin-functions 20
+    python3 bench/instructions.py --chain policies --nginx   # beside nginx with the Lua policies
 """
 
 import argparse
 import bisect
+import hashlib
 import re
 import subprocess
 import sys
@@ -32,15 +34,41 @@ import bench  # noqa: E402
 import profile as chains  # noqa: E402  (the chains profile.py knows)
 
 
+def nginx_peer(dir, label, chain, port, up_port):
+    """The nginx of `bench/run` doing what `chain` does (`none`: a plain proxy; `policies`: the
+    Lua policies; `jwt`: njs), in one process (no master), so that callgrind follows it."""
+    if chain == "none":
+        modules, extra_http, location = "", "", ""
+    elif chain == "policies":
+        key_hash = hashlib.sha256(bench.API_KEY.encode()).hexdigest()
+        modules = bench.LUA_MODULES
+        extra_http = bench.LUA_HTTP.format(dir=dir, key_hash=key_hash)
+        location = bench.LUA_LOCATION
+    elif chain == "jwt":
+        (Path(dir) / "jwt.js").write_text(bench.NJS_SCRIPT % bench.JWT_SECRET)
+        modules = bench.NJS_MODULES
+        extra_http = bench.NJS_HTTP.format(dir=dir)
+        location = bench.NJS_LOCATION.replace("{dir}", dir)
+    else:
+        sys.exit(f"--nginx has no peer for the chain {chain}")
+    http = bench.PROXY_HTTP.format(upstream=up_port, port=port, extra_http=extra_http,
+                                   location=location)
+    conf = bench.nginx_conf(dir, label, "master_process off;\n" + modules, http)
+    return ["nginx", "-c", str(conf)]
+
+
 def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections, dir, label,
-            floor=None, plugin_functions=0):
-    """Counts `binary` (a wasmgate, or with `floor` the hyper-floor binary in that mode); with
-    `plugin_functions`, also prints that many of the plugins' own functions, most costly first."""
+            floor=None, plugin_functions=0, nginx=None):
+    """Counts `binary` (a wasmgate, or with `floor` the hyper-floor binary in that mode, or with
+    `nginx` (a chain's name) nginx doing that chain's work); with `plugin_functions`, also prints
+    that many of the plugins' own functions, most costly first."""
     up_port = bench.free_port()
     upstream = bench.Target("upstream", ["nginx", "-c", str(bench.nginx_conf(
         dir, f"upstream-{label}", "", bench.UPSTREAM_HTTP.format(port=up_port)))], up_port)
     port = bench.free_port()
-    if floor:
+    if nginx:
+        command = nginx_peer(dir, label, nginx, port, up_port)
+    elif floor:
         mode = [] if floor == "hyper" else [floor]
         command = [binary, f"127.0.0.1:{port}", f"127.0.0.1:{up_port}", *mode]
     else:
@@ -59,7 +87,8 @@ def measure(binary, plugin_dir, chain, headers, isolation, seconds, connections,
         env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info", "WASMGATE_INSTANCE_SLOTS": "4",
              # wasmtime writes /tmp/perf-PID.map, which names the compiled plugins' functions.
              **({"WASMGATE_PERF_MAP": "1"} if plugin_functions else {})},
-        log=f"{dir}/gateway-{label}.log", images=not floor and bool(chain) and isolation == "per-request")
+        log=f"{dir}/gateway-{label}.log",
+        images=not floor and not nginx and bool(chain) and isolation == "per-request")
     try:
         upstream.start(dir)
         # Under valgrind the CPU has other features, so the plugin cache holds code compiled
@@ -155,6 +184,9 @@ def main():
                         help="also count bench/hyper-floor in this mode (the bare path's floors)")
     parser.add_argument("--plugin-functions", type=int, default=0, metavar="N",
                         help="print the N costliest functions of the plugins' compiled code")
+    parser.add_argument("--nginx", action="store_true",
+                        help="also count nginx doing the chain's work, as bench/run runs it (a plain "
+                        "proxy for `none`, the Lua policies for `policies`, njs for `jwt`)")
     args = parser.parse_args()
 
     chain, headers = chains.CHAINS[args.chain]
@@ -167,12 +199,16 @@ def main():
     results = {}
     if args.floor:
         runs.append((f"{args.floor} floor", str(bench.FLOOR), None))
+    if args.nginx:
+        runs.append(("nginx", "nginx", None))
     for label, binary, plugins in runs:
         floor = args.floor if label.endswith(" floor") else None
+        nginx = args.chain if label == "nginx" else None
         instructions, copies, requests = measure(binary, plugins, chain, headers, args.isolation,
                                                  args.seconds, args.connections, dir,
                                                  label.replace(" ", "-"), floor,
-                                                 0 if floor else args.plugin_functions)
+                                                 0 if floor or nginx else args.plugin_functions,
+                                                 nginx)
         results[label] = instructions / requests
         print(f"{label}: {results[label]:,.0f} instructions per request, of which "
               f"{copies / requests:,.0f} in memcpy/memset (chain {args.chain}, {requests} requests, "

@@ -57,6 +57,7 @@ pub async fn handle(
     request: Request<RequestBody>,
     peer: Peer,
 ) -> Response<ResponseBody> {
+    let _in_progress = crate::h1::InProgress::enter();
     let ids = RequestIds {
         request_id: request_id::for_request(request.headers()),
         trace: RequestTrace::begin(
