@@ -205,6 +205,20 @@ def slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def nginx_peer(dir, work):
+    """What nginx loads and runs to do `work` (`proxy`, `lua` policies or `njs` jwt) in `dir`:
+    (modules, http-level directives, location directives). Writes the njs script it needs."""
+    if work == "proxy":
+        return "", "", ""
+    if work == "lua":
+        key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
+        return LUA_MODULES, LUA_HTTP.format(dir=dir, key_hash=key_hash), LUA_LOCATION
+    if work == "njs":
+        (Path(dir) / "jwt.js").write_text(NJS_SCRIPT % JWT_SECRET)
+        return NJS_MODULES, NJS_HTTP.format(dir=dir), NJS_LOCATION.replace("{dir}", dir)
+    raise ValueError(f"no nginx peer does {work}")
+
+
 def nginx_conf(dir, name, modules, http):
     name = slug(name)
     path = Path(dir) / f"{name}.conf"
@@ -411,7 +425,8 @@ def main():
     upstream = Target("upstream", ["nginx", "-c", str(nginx_conf(dir, "upstream", "", UPSTREAM_HTTP.format(port=up_port)))],
                       up_port, log=f"{dir}/upstream.stderr.log")
 
-    def nginx_target(name, modules, extra_http, location, headers=()):
+    def nginx_target(name, work, headers=()):
+        modules, extra_http, location = nginx_peer(dir, work)
         port = free_port()
         http = PROXY_HTTP.format(upstream=up_port, port=port, extra_http=extra_http, location=location)
         return Target(name, ["nginx", "-c", str(nginx_conf(dir, name, modules, http))], port, headers,
@@ -424,8 +439,6 @@ def main():
                       env={"WASMGATE_WORKERS": "1", "RUST_LOG": "info"}, log=f"{dir}/{slug(name)}.log",
                       images=bool(chain) and isolation == "per-request")
 
-    key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
-    (Path(dir) / "jwt.js").write_text(NJS_SCRIPT % JWT_SECRET)
     policies = ["api-key", "header-rewrite", "access-log"]
     jwt_chain = ["jwt-auth", "header-rewrite", "access-log"]
     direct = Target("direct (upstream)", [], up_port)
@@ -434,13 +447,13 @@ def main():
                    log=f"{dir}/hyper-floor.log")
     targets = [
         direct,
-        nginx_target("nginx", "", "", ""),
+        nginx_target("nginx", "proxy"),
         floor,
         wasmgate_target("wasmgate", []),
-        nginx_target("nginx+lua policies", LUA_MODULES, LUA_HTTP.format(dir=dir, key_hash=key_hash), LUA_LOCATION, key_header),
+        nginx_target("nginx+lua policies", "lua", key_header),
         wasmgate_target("wasmgate policies", policies, headers=key_header),
         wasmgate_target("wasmgate policies pooled", policies, "pooled", key_header),
-        nginx_target("nginx+njs jwt", NJS_MODULES, NJS_HTTP.format(dir=dir), NJS_LOCATION.replace("{dir}", dir), jwt_header),
+        nginx_target("nginx+njs jwt", "njs", jwt_header),
         wasmgate_target("wasmgate jwt", jwt_chain, headers=jwt_header),
         wasmgate_target("wasmgate jwt pooled", jwt_chain, "pooled", jwt_header),
     ]

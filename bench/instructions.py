@@ -21,7 +21,6 @@ the plugins built.
 
 import argparse
 import bisect
-import hashlib
 import re
 import subprocess
 import sys
@@ -37,20 +36,10 @@ import profile as chains  # noqa: E402  (the chains profile.py knows)
 def nginx_peer(dir, label, chain, port, up_port):
     """The nginx of `bench/run` doing what `chain` does (`none`: a plain proxy; `policies`: the
     Lua policies; `jwt`: njs), in one process (no master), so that callgrind follows it."""
-    if chain == "none":
-        modules, extra_http, location = "", "", ""
-    elif chain == "policies":
-        key_hash = hashlib.sha256(bench.API_KEY.encode()).hexdigest()
-        modules = bench.LUA_MODULES
-        extra_http = bench.LUA_HTTP.format(dir=dir, key_hash=key_hash)
-        location = bench.LUA_LOCATION
-    elif chain == "jwt":
-        (Path(dir) / "jwt.js").write_text(bench.NJS_SCRIPT % bench.JWT_SECRET)
-        modules = bench.NJS_MODULES
-        extra_http = bench.NJS_HTTP.format(dir=dir)
-        location = bench.NJS_LOCATION.replace("{dir}", dir)
-    else:
+    work = {"none": "proxy", "policies": "lua", "jwt": "njs"}.get(chain)
+    if work is None:
         sys.exit(f"--nginx has no peer for the chain {chain}")
+    modules, extra_http, location = bench.nginx_peer(dir, work)
     http = bench.PROXY_HTTP.format(upstream=up_port, port=port, extra_http=extra_http,
                                    location=location)
     conf = bench.nginx_conf(dir, label, "master_process off;\n" + modules, http)
