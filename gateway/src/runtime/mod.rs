@@ -637,7 +637,7 @@ impl LoadedPlugin {
                 memory: self.budget.memory as usize,
                 breached: false,
             },
-            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
+            wasi: None,
             table: ResourceTable::new(),
             stderr,
         };
@@ -1273,8 +1273,12 @@ pub struct PluginState {
     /// Key lists the plugin prepared (`properties.prepare`), by handle, for the instance's life.
     prepared: Vec<Box<[String]>>,
     limiter: Limiter,
-    wasi: WasiCtx,
+    /// Made at the instance's first WASI call: building one costs ~2k instructions (its random
+    /// sources are seeded, and `build` leaves a fresh builder behind, seeded too), and a plugin
+    /// given a fresh instance per request often makes no WASI call at all.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
+    /// The plugin's stderr, captured for the failure report.
     stderr: MemoryOutputPipe,
 }
 
@@ -1293,8 +1297,11 @@ impl PluginState {
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let stderr = &self.stderr;
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| WasiCtx::builder().stderr(stderr.clone()).build()),
             table: &mut self.table,
         }
     }
