@@ -60,6 +60,12 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FreshLabels {
+    plugin: String,
+    made: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -80,6 +86,7 @@ pub struct Metrics {
     upstream_duration: HistogramFamily<TargetLabels>,
     plugin_duration: HistogramFamily<PluginPhaseLabels>,
     plugin_failures: Family<FailureLabels, Counter>,
+    plugin_fresh_instances: Family<FreshLabels, Counter>,
     open_connections: Gauge,
     reloads: Family<ResultLabels, Counter>,
     target_healthy: Family<TargetLabels, Gauge>,
@@ -133,6 +140,12 @@ impl Metrics {
             "Plugin failures, by plugin and kind",
             plugin_failures.clone(),
         );
+        let plugin_fresh_instances = Family::default();
+        registry.register(
+            "plugin_fresh_instances",
+            "Fresh instances requests took from a plugin's pre-initialised image (isolation: per-request), by plugin and when each was made: ahead (after an earlier response) or on_request (while the request waited)",
+            plugin_fresh_instances.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -158,6 +171,7 @@ impl Metrics {
             upstream_duration,
             plugin_duration,
             plugin_failures,
+            plugin_fresh_instances,
             open_connections,
             reloads,
             target_healthy,
@@ -199,6 +213,13 @@ impl Metrics {
             response: phase("response"),
             complete: phase("complete"),
             failures: self.plugin_failures.clone(),
+            fresh: ["ahead", "on_request"].map(|made| {
+                self.plugin_fresh_instances
+                    .get_or_create_owned(&FreshLabels {
+                        plugin: plugin.into(),
+                        made,
+                    })
+            }),
         }
     }
 
@@ -307,6 +328,8 @@ pub struct PluginMetrics {
     response: Histogram,
     complete: Histogram,
     failures: Family<FailureLabels, Counter>,
+    /// Fresh instances taken from an image: made ahead, made on the request's path.
+    fresh: [Counter; 2],
 }
 
 impl std::fmt::Debug for PluginMetrics {
@@ -327,6 +350,12 @@ impl PluginMetrics {
             Phase::Complete => &self.complete,
         };
         histogram.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a fresh instance a request took from the plugin's image: `ahead` when it was made
+    /// before the request asked for it.
+    pub fn fresh_instance(&self, ahead: bool) {
+        self.fresh[usize::from(!ahead)].inc();
     }
 
     /// Counts a failure.

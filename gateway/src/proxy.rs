@@ -133,6 +133,7 @@ async fn route_and_forward(
     route
         .metrics
         .answered(&method, response.status(), received.elapsed());
+    ChainLink::make_ahead(&route.chain);
     response
 }
 

@@ -19,8 +19,8 @@ use crate::manifest::{
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
 use crate::runtime::{
-    CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget, PluginError,
-    PreinitJob, PreinitSlot, Runtime,
+    Ahead, CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget,
+    PluginError, PreinitJob, PreinitSlot, Runtime,
 };
 use crate::upstream::Upstream;
 
@@ -78,14 +78,62 @@ pub struct ChainLink {
     /// The plugin pre-initialised with this configuration, for a fresh instance per request
     /// without `configure` (`isolation: per-request`; made in the background after the load).
     pub preinit: Option<Arc<PreinitSlot>>,
+    /// The next request's fresh instance, made after a response (a per-request use whose
+    /// request or response phase is called: what a completion phase takes is made after the
+    /// response anyway).
+    pub ahead: Option<Ahead>,
 }
 
 impl ChainLink {
-    /// An instance for one request: from the pool, or started now, from the pre-initialised
-    /// image once it is ready, configured for the request until then.
+    /// An instance for one request: from the pool, or a fresh one: made ahead
+    /// ([`ChainLink::make_ahead`]) or started now, from the pre-initialised image once it is
+    /// ready, configured for the request until then.
     pub async fn acquire(&self) -> Result<Lease, PluginError> {
         let image = self.preinit.as_deref().and_then(PreinitSlot::image);
-        Lease::acquire(&self.plugin, &self.config, self.pool.as_ref(), image).await
+        let fresh = match (&self.ahead, image) {
+            (Some(ahead), Some(_)) => Some(ahead),
+            _ => None,
+        };
+        if let Some(lease) = fresh.and_then(Ahead::take) {
+            self.plugin.metrics().fresh_instance(true);
+            return Ok(lease);
+        }
+        let lease = Lease::acquire(&self.plugin, &self.config, self.pool.as_ref(), image).await?;
+        if fresh.is_some() {
+            self.plugin.metrics().fresh_instance(false);
+        }
+        Ok(lease)
+    }
+
+    /// Makes the next request's fresh instance, off any request's path, for each link of
+    /// `chain` that takes one ahead and has none ready or being made. Called once a response
+    /// has been handed on: the work then runs after the connection's task has written it, while
+    /// the client reads it, instead of while the upstream (which may share the CPU) answers.
+    pub fn make_ahead(chain: &[Arc<ChainLink>]) {
+        let mut due = chain.iter().filter(|link| {
+            link.ahead.as_ref().is_some_and(|ahead| {
+                link.preinit
+                    .as_deref()
+                    .and_then(PreinitSlot::image)
+                    .is_some()
+                    && ahead.claim()
+            })
+        });
+        let Some(first) = due.next() else {
+            return;
+        };
+        let due: Vec<Arc<ChainLink>> = std::iter::once(first).chain(due).cloned().collect();
+        tokio::spawn(async move {
+            for link in due {
+                let (Some(ahead), Some(image)) = (
+                    &link.ahead,
+                    link.preinit.as_deref().and_then(PreinitSlot::image),
+                ) else {
+                    continue;
+                };
+                ahead.make(&link.plugin, image).await;
+            }
+        });
     }
 
     /// The instance for a later phase: the one held since an earlier phase of the request, or
@@ -301,6 +349,8 @@ impl Snapshot {
                     }
                     _ => None,
                 };
+                let ahead =
+                    (preinit.is_some() && (phases.request || phases.response)).then(Ahead::default);
                 chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),
                     config,
@@ -308,6 +358,7 @@ impl Snapshot {
                     pool,
                     phases,
                     preinit,
+                    ahead,
                 }));
             }
             let Some(upstream) = upstreams.get(route.upstream.as_str()) else {

@@ -277,3 +277,59 @@ async fn a_reload_keeps_the_image_of_an_unchanged_use_and_remakes_a_changed_one(
     assert_ne!(configured_at(&gateway, &upstream, "/b").await, b_before);
     assert_eq!(upstream.last().headers["x-chain"], "c");
 }
+
+/// A per-request use's next instance is made ahead, once the response before it has been handed
+/// on, and the next request takes it ready (counted as `made="ahead"`; made on the request's
+/// path, it would count as `on_request`). It is still a fresh instance: what one request left in
+/// a global never reaches the next.
+#[tokio::test]
+async fn the_next_requests_instance_is_made_ahead_and_is_still_fresh() {
+    let upstream = TestUpstream::start("main").await;
+    let gateway = TestGateway::start(&preinit_manifest(&upstream, "a", "b")).await;
+    assert_eq!(gateway.preinitialized().await, 3);
+    let made_ahead = || {
+        let snapshot = gateway.gateway().snapshot();
+        let route = snapshot
+            .route(None, "/stash", &Method::GET)
+            .expect("a route");
+        let ahead = route.chain[0].ahead.as_ref().expect("a per-request use");
+        ahead.is_ready()
+    };
+    assert!(!made_ahead(), "nothing is made before a request asks");
+    for (i, token) in ["Bearer one", "Bearer two", "Bearer three", "Bearer four"]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            // The instance is made after the previous response, while the client reads it.
+            let waited = tokio::time::Instant::now();
+            while !made_ahead() {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "no instance was made ahead after request {i}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let response = gateway
+            .send(
+                Request::get("/stash")
+                    .header("authorization", token)
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert!(
+            !upstream.last().headers.contains_key("x-stolen"),
+            "a request saw what an earlier one left in a global"
+        );
+    }
+    let metrics = gateway.gateway().snapshot().services.metrics.encode();
+    for (made, count) in [("ahead", 3), ("on_request", 1)] {
+        let series = format!(
+            "wasmgate_plugin_fresh_instances_total{{plugin=\"stash\",made=\"{made}\"}} {count}\n"
+        );
+        assert!(metrics.contains(&series), "no `{series}` in:\n{metrics}");
+    }
+}
