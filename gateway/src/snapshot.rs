@@ -19,8 +19,8 @@ use crate::manifest::{
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
 use crate::runtime::{
-    Ahead, CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget,
-    PluginError, PreinitJob, PreinitSlot, Runtime,
+    Ahead, AheadClaim, CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases,
+    PluginBudget, PluginError, PreinitJob, PreinitSlot, Runtime,
 };
 use crate::upstream::Upstream;
 
@@ -110,28 +110,24 @@ impl ChainLink {
     /// has been handed on: the work then runs after the connection's task has written it, while
     /// the client reads it, instead of while the upstream (which may share the CPU) answers.
     pub fn make_ahead(chain: &[Arc<ChainLink>]) {
-        let mut due = chain.iter().filter(|link| {
-            link.ahead.as_ref().is_some_and(|ahead| {
-                link.preinit
-                    .as_deref()
-                    .and_then(PreinitSlot::image)
-                    .is_some()
-                    && ahead.claim()
-            })
+        let mut due = chain.iter().filter_map(|link| {
+            let ahead = link.ahead.as_ref()?;
+            link.preinit.as_deref().and_then(PreinitSlot::image)?;
+            Some((link.clone(), ahead.claim()?))
         });
         let Some(first) = due.next() else {
             return;
         };
-        let due: Vec<Arc<ChainLink>> = std::iter::once(first).chain(due).cloned().collect();
+        let due: Vec<(Arc<ChainLink>, AheadClaim)> = std::iter::once(first).chain(due).collect();
         tokio::spawn(async move {
-            for link in due {
+            for (link, claim) in due {
                 let (Some(ahead), Some(image)) = (
                     &link.ahead,
                     link.preinit.as_deref().and_then(PreinitSlot::image),
                 ) else {
                     continue;
                 };
-                ahead.make(&link.plugin, image).await;
+                ahead.make(claim, &link.plugin, image).await;
             }
         });
     }
@@ -349,8 +345,8 @@ impl Snapshot {
                     }
                     _ => None,
                 };
-                let ahead =
-                    (preinit.is_some() && (phases.request || phases.response)).then(Ahead::default);
+                let ahead = (preinit.is_some() && (phases.request || phases.response))
+                    .then(|| runtime.ahead());
                 chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),
                     config,

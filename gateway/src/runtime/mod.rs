@@ -98,6 +98,10 @@ const KEEP_RESIDENT: usize = 4 << 20;
 /// The same for a slot's tables.
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
+/// Instances made ahead ([`Ahead`]) may hold at most one in this many of the engine's instance
+/// slots.
+const AHEAD_SHARE: u32 = 8;
+
 /// How much of a plugin's stderr (where a Rust panic message goes) is kept for the failure report.
 const STDERR_CAPTURE: usize = 4 << 10;
 
@@ -149,6 +153,8 @@ pub struct Runtime {
     functions: Arc<preinit::FunctionCache>,
     ticker: EpochTicker,
     reset_in_place: bool,
+    /// How many more instances may be made ahead ([`Ahead`]), engine-wide.
+    ahead_budget: Arc<AtomicU32>,
 }
 
 impl fmt::Debug for Runtime {
@@ -218,7 +224,19 @@ impl Runtime {
             functions,
             ticker,
             reset_in_place,
+            // An instance made ahead holds a slot of the engine's pool while it waits: an eighth
+            // of them at most, so that idle ones can never starve the requests of slots.
+            ahead_budget: Arc::new(AtomicU32::new(slots / AHEAD_SHARE)),
         })
+    }
+
+    /// A holder for one plugin use's instance made ahead, drawing on the engine-wide budget.
+    pub fn ahead(&self) -> Ahead {
+        Ahead {
+            ready: std::sync::Mutex::new(None),
+            making: AtomicBool::new(false),
+            budget: self.ahead_budget.clone(),
+        }
     }
 
     /// Whether an instance slot's memory is reset for the next instance in place, only the pages
@@ -910,13 +928,49 @@ impl InstancePool {
 ///
 /// One instance at most is kept per use: it is alive, so it counts against the plugin's
 /// instance cap (`instances`) like an idle pooled instance, and holds a slot of the engine's
-/// pool. When the cap is reached, none is made and the next request makes its own.
-#[derive(Default)]
+/// pool. When the cap is reached, none is made and the next request makes its own; and all the
+/// uses together hold at most an eighth of the engine's slots ([`Runtime::ahead`]).
 pub struct Ahead {
-    ready: std::sync::Mutex<Option<Box<PluginInstance>>>,
+    ready: std::sync::Mutex<Option<MadeAhead>>,
     /// Set while an instance is being made (or claimed to be), so that concurrent requests do
     /// not start several.
     making: AtomicBool,
+    /// The engine-wide count of instances that may still be made ahead.
+    budget: Arc<AtomicU32>,
+}
+
+/// An instance waiting in an [`Ahead`], with its share of the budget.
+struct MadeAhead {
+    instance: Box<PluginInstance>,
+    _share: AheadShare,
+}
+
+/// One unit of the engine-wide budget of instances made ahead, given back on drop: when the
+/// instance is taken by a request, dropped with its use, or could not be made.
+struct AheadShare(Arc<AtomicU32>);
+
+impl AheadShare {
+    fn take(budget: &Arc<AtomicU32>) -> Option<AheadShare> {
+        budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| AheadShare(budget.clone()))
+    }
+}
+
+impl Drop for AheadShare {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Leave to make one instance ahead ([`Ahead::claim`]).
+pub struct AheadClaim(AheadShare);
+
+impl fmt::Debug for AheadClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AheadClaim").finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for Ahead {
@@ -935,24 +989,38 @@ impl Ahead {
 
     /// The instance made ahead, if there is one, lent to a request (not pooled afterwards).
     pub fn take(&self) -> Option<Lease> {
-        let instance = self.lock().take()?;
+        let made = self.lock().take()?;
         Some(Lease {
-            instance: Some(instance),
+            instance: Some(made.instance),
             pool: None,
         })
     }
 
-    /// Claims the making of the next instance: true when none is waiting and none is being made;
-    /// the caller must then call [`Ahead::make`].
-    pub fn claim(&self) -> bool {
-        !self.is_ready() && !self.making.swap(true, Ordering::AcqRel)
+    /// Claims the making of the next instance, when none is waiting, none is being made and the
+    /// engine-wide budget allows one; the claim must then be handed to [`Ahead::make`].
+    pub fn claim(&self) -> Option<AheadClaim> {
+        if self.is_ready() || self.making.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        match AheadShare::take(&self.budget) {
+            Some(share) => Some(AheadClaim(share)),
+            None => {
+                self.making.store(false, Ordering::Release);
+                None
+            }
+        }
     }
 
-    /// Makes the next instance from `image` (after a successful [`Ahead::claim`]). A failure
-    /// (the instance cap reached, say) is left for the request path to meet and report.
-    pub async fn make(&self, plugin: &LoadedPlugin, image: &Preinitialized) {
+    /// Makes the next instance from `image`, as `claim` allowed. A failure (the instance cap
+    /// reached, say) is left for the request path to meet and report.
+    pub async fn make(&self, claim: AheadClaim, plugin: &LoadedPlugin, image: &Preinitialized) {
         match plugin.instantiate_preinitialized(image).await {
-            Ok(instance) => *self.lock() = Some(Box::new(instance)),
+            Ok(instance) => {
+                *self.lock() = Some(MadeAhead {
+                    instance: Box::new(instance),
+                    _share: claim.0,
+                });
+            }
             Err(err) => tracing::debug!(
                 plugin = plugin.name(),
                 kind = err.kind.as_str(),
@@ -962,7 +1030,7 @@ impl Ahead {
         self.making.store(false, Ordering::Release);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<PluginInstance>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MadeAhead>> {
         // Taking and putting leave the option consistent whatever panics elsewhere.
         self.ready
             .lock()
@@ -1474,6 +1542,33 @@ impl Drop for EpochTicker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_made_ahead_share_one_engine_wide_budget_and_give_it_back() {
+        let budget = Arc::new(AtomicU32::new(2));
+        let first = AheadShare::take(&budget).expect("room for two");
+        let _second = AheadShare::take(&budget).expect("room for two");
+        assert!(AheadShare::take(&budget).is_none(), "the budget is spent");
+        drop(first);
+        assert!(
+            AheadShare::take(&budget).is_some(),
+            "a share comes back on drop"
+        );
+
+        let ahead = Ahead {
+            ready: std::sync::Mutex::new(None),
+            making: AtomicBool::new(false),
+            budget: Arc::new(AtomicU32::new(0)),
+        };
+        assert!(ahead.claim().is_none(), "no budget, no claim");
+        ahead.budget.store(1, Ordering::Release);
+        let claim = ahead
+            .claim()
+            .expect("a refused claim leaves nothing in the making");
+        assert!(ahead.claim().is_none(), "one is being made already");
+        drop(claim);
+        assert_eq!(ahead.budget.load(Ordering::Acquire), 1);
+    }
 
     #[test]
     fn a_plain_call_may_run_a_tenth_of_its_deadline_in_ticks_and_at_least_three() {
