@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
 use crate::runtime::{
     Ahead, AheadClaim, CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases,
-    PluginBudget, PluginError, PreinitJob, PreinitSlot, Runtime,
+    PluginBudget, PluginError, PreinitJob, PreinitSlot, Preinitialized, Runtime,
 };
 use crate::upstream::Upstream;
 
@@ -89,7 +89,7 @@ impl ChainLink {
     /// ([`ChainLink::make_ahead`]) or started now, from the pre-initialised image once it is
     /// ready, configured for the request until then.
     pub async fn acquire(&self) -> Result<Lease, PluginError> {
-        let image = self.preinit.as_deref().and_then(PreinitSlot::image);
+        let image = self.image();
         let fresh = match (&self.ahead, image) {
             (Some(ahead), Some(_)) => Some(ahead),
             _ => None,
@@ -110,26 +110,29 @@ impl ChainLink {
     /// has been handed on: the work then runs after the connection's task has written it, while
     /// the client reads it, instead of while the upstream (which may share the CPU) answers.
     pub fn make_ahead(chain: &[Arc<ChainLink>]) {
-        let mut due = chain.iter().filter_map(|link| {
-            let ahead = link.ahead.as_ref()?;
-            link.preinit.as_deref().and_then(PreinitSlot::image)?;
-            Some((link.clone(), ahead.claim()?))
-        });
-        let Some(first) = due.next() else {
+        let due: Vec<(Arc<ChainLink>, AheadClaim)> = chain
+            .iter()
+            .filter_map(|link| {
+                link.image()?;
+                let claim = link.ahead.as_ref()?.claim()?;
+                Some((link.clone(), claim))
+            })
+            .collect();
+        if due.is_empty() {
             return;
-        };
-        let due: Vec<(Arc<ChainLink>, AheadClaim)> = std::iter::once(first).chain(due).collect();
+        }
         tokio::spawn(async move {
             for (link, claim) in due {
-                let (Some(ahead), Some(image)) = (
-                    &link.ahead,
-                    link.preinit.as_deref().and_then(PreinitSlot::image),
-                ) else {
-                    continue;
-                };
-                ahead.make(claim, &link.plugin, image).await;
+                if let (Some(ahead), Some(image)) = (&link.ahead, link.image()) {
+                    ahead.make(claim, &link.plugin, image).await;
+                }
             }
         });
+    }
+
+    /// The use's pre-initialised image, once it is made.
+    fn image(&self) -> Option<&Preinitialized> {
+        self.preinit.as_deref().and_then(PreinitSlot::image)
     }
 
     /// The instance for a later phase: the one held since an earlier phase of the request, or

@@ -176,6 +176,28 @@ async fn configured_at(gateway: &TestGateway, upstream: &TestUpstream, path: &st
     seen.headers["x-configured-at"].to_str().unwrap().to_owned()
 }
 
+/// Sends `token` through the stash plugin on `/stash`, which keeps it in a global and sends on
+/// whatever an earlier request left there as `x-stolen`: nothing may arrive.
+async fn assert_stash_sees_nothing_earlier(
+    gateway: &TestGateway,
+    upstream: &TestUpstream,
+    token: &str,
+) {
+    let response = gateway
+        .send(
+            Request::get("/stash")
+                .header("authorization", token)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert!(
+        !upstream.last().headers.contains_key("x-stolen"),
+        "a request saw what an earlier one left in a global"
+    );
+}
+
 /// Once a per-request use's image is made, each request's instance starts from it: `configure`
 /// ran once, at load, not per request (the probe's stamp is the same for every request; without
 /// images it differs each time). The instance is still fresh: the stash's global from one
@@ -211,19 +233,7 @@ async fn a_per_request_instance_starts_from_the_configured_image_and_is_still_fr
     assert_eq!(upstream.last().headers["x-chain"], "b");
 
     for token in ["Bearer one", "Bearer two", "Bearer three"] {
-        let response = gateway
-            .send(
-                Request::get("/stash")
-                    .header("authorization", token)
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await;
-        assert_eq!(response.status, StatusCode::OK);
-        assert!(
-            !upstream.last().headers.contains_key("x-stolen"),
-            "a request saw what an earlier one left in a global"
-        );
+        assert_stash_sees_nothing_earlier(&gateway, &upstream, token).await;
     }
 }
 
@@ -311,19 +321,7 @@ async fn the_next_requests_instance_is_made_ahead_and_is_still_fresh() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        let response = gateway
-            .send(
-                Request::get("/stash")
-                    .header("authorization", token)
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await;
-        assert_eq!(response.status, StatusCode::OK);
-        assert!(
-            !upstream.last().headers.contains_key("x-stolen"),
-            "a request saw what an earlier one left in a global"
-        );
+        assert_stash_sees_nothing_earlier(&gateway, &upstream, token).await;
     }
     let metrics = gateway.gateway().snapshot().services.metrics.encode();
     for (made, count) in [("ahead", 3), ("on_request", 1)] {

@@ -920,8 +920,8 @@ impl InstancePool {
 /// The next request's fresh instance of one plugin use, made ahead (`isolation: per-request`
 /// with a pre-initialised image).
 ///
-/// Instantiating from the image is most of what a fresh instance costs a request (~15 µs per
-/// plugin on the benchmark machine). Made after a response has been handed to the client, it
+/// Instantiating from the image is most of what a fresh instance costs a request (6 to 15 µs
+/// per plugin on the benchmark machines). Made after a response has been handed to the client, it
 /// runs while the client reads that response and sends its next request, rather than while the
 /// next request waits. The instance is never called before a request takes it, so it is as
 /// fresh as one made on the request's path; nothing of one request reaches another.
