@@ -331,3 +331,45 @@ async fn the_next_requests_instance_is_made_ahead_and_is_still_fresh() {
         assert!(metrics.contains(&series), "no `{series}` in:\n{metrics}");
     }
 }
+
+/// Instances made ahead never take more than half of a plugin's instance cap: with `instances:
+/// 2` and two routes using the plugin, only the first route's use gets one; the second's
+/// requests make their own (and are served).
+#[tokio::test]
+async fn instances_made_ahead_leave_half_of_the_plugins_cap_free() {
+    let upstream = TestUpstream::start("main").await;
+    let manifest = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\", instances: 2 }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: one, match: {{ prefix: /one }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n  - {{ name: two, match: {{ prefix: /two }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&manifest).await;
+    assert_eq!(gateway.preinitialized().await, 2);
+    let ready = |path: &str| {
+        let snapshot = gateway.gateway().snapshot();
+        let route = snapshot.route(None, path, &Method::GET).expect("a route");
+        route.chain[0]
+            .ahead
+            .as_ref()
+            .expect("a per-request use")
+            .is_ready()
+    };
+    assert_eq!(gateway.get("x", "/one").await.status, StatusCode::OK);
+    let waited = tokio::time::Instant::now();
+    while !ready("/one") {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "none made for /one"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(gateway.get("x", "/two").await.status, StatusCode::OK);
+        // Time for an instance to be made, were it allowed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(ready("/one"));
+        assert!(
+            !ready("/two"),
+            "a second instance made ahead filled the plugin's cap"
+        );
+    }
+}

@@ -928,8 +928,9 @@ impl InstancePool {
 ///
 /// One instance at most is kept per use: it is alive, so it counts against the plugin's
 /// instance cap (`instances`) like an idle pooled instance, and holds a slot of the engine's
-/// pool. When the cap is reached, none is made and the next request makes its own; and all the
-/// uses together hold at most an eighth of the engine's slots ([`Runtime::ahead`]).
+/// pool. None is made while half of the plugin's cap is in use (the next request then makes its
+/// own), and all the uses together hold at most an eighth of the engine's slots
+/// ([`Runtime::ahead`]).
 pub struct Ahead {
     ready: std::sync::Mutex<Option<MadeAhead>>,
     /// Set while an instance is being made (or claimed to be), so that concurrent requests do
@@ -1011,9 +1012,21 @@ impl Ahead {
         }
     }
 
-    /// Makes the next instance from `image`, as `claim` allowed. A failure (the instance cap
-    /// reached, say) is left for the request path to meet and report.
+    /// Makes the next instance from `image`, as `claim` allowed, while at least half of the
+    /// plugin's instance cap is free: idle instances made ahead for several uses of one plugin
+    /// must not take the instances its other uses' requests need. A failure is left for the
+    /// request path to meet and report.
     pub async fn make(&self, claim: AheadClaim, plugin: &LoadedPlugin, image: &Preinitialized) {
+        let live = u64::from(plugin.live.load(Ordering::Acquire));
+        if live * 2 >= u64::from(plugin.budget.instances) {
+            tracing::debug!(
+                plugin = plugin.name(),
+                live,
+                "no instance made ahead: half of the plugin's instance cap is in use"
+            );
+            self.making.store(false, Ordering::Release);
+            return;
+        }
         match plugin.instantiate_preinitialized(image).await {
             Ok(instance) => {
                 *self.lock() = Some(MadeAhead {
