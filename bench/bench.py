@@ -37,10 +37,21 @@ JWT_SECRET = "bench-secret-that-is-at-least-32-bytes-long"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+_GIVEN_PORTS = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not given out before in this run. Every target's port is picked
+    before any target starts, and the kernel may hand a released port out again: the second
+    target on it then fails to bind, while the first answers on its port as if it were the
+    second (a session-17 run measured one target twice that way)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_port(port, proc, what, limit=60.0, log=None):
@@ -492,6 +503,10 @@ def main():
             started.append(target)
         for target in targets:
             check_answers(target)
+        for target in targets[1:]:
+            # Another process answering on a target's port would hide its exit (see free_port).
+            if target.proc.poll() is not None:
+                sys.exit(f"{target.name} exited during start-up (status {target.proc.returncode})")
 
         connection_counts = [1, 32]
         results = {(t.name, c): [] for t in targets for c in connection_counts}
