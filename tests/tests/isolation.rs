@@ -288,6 +288,27 @@ async fn a_reload_keeps_the_image_of_an_unchanged_use_and_remakes_a_changed_one(
     assert_eq!(upstream.last().headers["x-chain"], "c");
 }
 
+/// Whether the first plugin use of the route serving `path` has an instance made ahead, ready.
+fn made_ahead(gateway: &TestGateway, path: &str) -> bool {
+    let snapshot = gateway.gateway().snapshot();
+    let route = snapshot.route(None, path, &Method::GET).expect("a route");
+    route.chain[0]
+        .ahead
+        .as_ref()
+        .expect("a per-request use")
+        .is_ready()
+}
+
+/// Waits (10 s at most) for the route serving `path` to have an instance made ahead: it is made
+/// after the previous response, while the client reads it.
+async fn wait_made_ahead(gateway: &TestGateway, path: &str, what: &str) {
+    let waited = tokio::time::Instant::now();
+    while !made_ahead(gateway, path) {
+        assert!(waited.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A per-request use's next instance is made ahead, once the response before it has been handed
 /// on, and the next request takes it ready (counted as `made="ahead"`; made on the request's
 /// path, it would count as `on_request`). It is still a fresh instance: what one request left in
@@ -297,29 +318,17 @@ async fn the_next_requests_instance_is_made_ahead_and_is_still_fresh() {
     let upstream = TestUpstream::start("main").await;
     let gateway = TestGateway::start(&preinit_manifest(&upstream, "a", "b")).await;
     assert_eq!(gateway.preinitialized().await, 3);
-    let made_ahead = || {
-        let snapshot = gateway.gateway().snapshot();
-        let route = snapshot
-            .route(None, "/stash", &Method::GET)
-            .expect("a route");
-        let ahead = route.chain[0].ahead.as_ref().expect("a per-request use");
-        ahead.is_ready()
-    };
-    assert!(!made_ahead(), "nothing is made before a request asks");
+    assert!(
+        !made_ahead(&gateway, "/stash"),
+        "nothing is made before a request asks"
+    );
     for (i, token) in ["Bearer one", "Bearer two", "Bearer three", "Bearer four"]
         .into_iter()
         .enumerate()
     {
         if i > 0 {
-            // The instance is made after the previous response, while the client reads it.
-            let waited = tokio::time::Instant::now();
-            while !made_ahead() {
-                assert!(
-                    waited.elapsed() < Duration::from_secs(10),
-                    "no instance was made ahead after request {i}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let what = format!("no instance was made ahead after request {i}");
+            wait_made_ahead(&gateway, "/stash", &what).await;
         }
         assert_stash_sees_nothing_earlier(&gateway, &upstream, token).await;
     }
@@ -344,31 +353,15 @@ async fn instances_made_ahead_leave_half_of_the_plugins_cap_free() {
     );
     let gateway = TestGateway::start(&manifest).await;
     assert_eq!(gateway.preinitialized().await, 2);
-    let ready = |path: &str| {
-        let snapshot = gateway.gateway().snapshot();
-        let route = snapshot.route(None, path, &Method::GET).expect("a route");
-        route.chain[0]
-            .ahead
-            .as_ref()
-            .expect("a per-request use")
-            .is_ready()
-    };
     assert_eq!(gateway.get("x", "/one").await.status, StatusCode::OK);
-    let waited = tokio::time::Instant::now();
-    while !ready("/one") {
-        assert!(
-            waited.elapsed() < Duration::from_secs(10),
-            "none made for /one"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_made_ahead(&gateway, "/one", "none made for /one").await;
     for _ in 0..3 {
         assert_eq!(gateway.get("x", "/two").await.status, StatusCode::OK);
         // Time for an instance to be made, were it allowed.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(ready("/one"));
+        assert!(made_ahead(&gateway, "/one"));
         assert!(
-            !ready("/two"),
+            !made_ahead(&gateway, "/two"),
             "a second instance made ahead filled the plugin's cap"
         );
     }
