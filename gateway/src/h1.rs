@@ -223,7 +223,10 @@ impl Pool {
             let idle = if fresh_only { None } else { self.take() };
             let (mut conn, reused) = match idle {
                 Some(conn) => (conn, true),
-                None => (self.connect(connect_timeout).await?, false),
+                // Boxed: connecting is rare on a kept-alive pool, and its future (name lookup,
+                // connect, timer) would otherwise make every request's future larger, which is
+                // moved whole as it is built.
+                None => (Box::pin(self.connect(connect_timeout)).await?, false),
             };
             match exchange(&mut conn, &message, reading).await {
                 Ok(head) => return Ok(self.response(conn, head)),

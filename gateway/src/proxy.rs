@@ -37,7 +37,7 @@ use crate::runtime::exchange::Properties;
 use crate::runtime::{Decision, Exchange, FailureKind, Lease, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
-use crate::upstream::{Target, Tried, Upstream};
+use crate::upstream::{Target, Tried};
 
 /// The client end of a connection.
 #[derive(Debug, Clone)]
@@ -52,12 +52,19 @@ pub struct Peer {
 }
 
 /// Answers one client request with the given snapshot.
+///
+/// Routing, the request's preparation and the response's accounting are written out here
+/// rather than in `async fn`s of their own: each level of `async fn` is a future that is built
+/// and then moved whole into its caller's, once per request, and a bare request's future is a
+/// few kilobytes (the upstream call's, mostly). What does not wait is in plain functions
+/// ([`route_request`], [`prepare_upstream`]); the chain, larger still, is boxed.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
-    request: Request<RequestBody>,
+    mut request: Request<RequestBody>,
     peer: Peer,
 ) -> Response<ResponseBody> {
     let _in_progress = crate::h1::InProgress::enter();
+    let received = Instant::now();
     let ids = RequestIds {
         request_id: request_id::for_request(request.headers()),
         trace: RequestTrace::begin(
@@ -66,19 +73,65 @@ pub async fn handle(
             request.method(),
         ),
     };
-    let mut response = route_and_forward(&snapshot, request, peer, &ids).await;
-    ids.trace.finish(response.status());
-    match response.body_mut().raw_fields_mut() {
-        // A head passed through as bytes: the line goes with them, and the map, empty, is
-        // never allocated.
-        Some(raw) => raw.push(&X_REQUEST_ID, &ids.request_id),
-        None => {
-            response
-                .headers_mut()
-                .insert(X_REQUEST_ID.clone(), ids.request_id);
+    let route = match route_request(&snapshot, &mut request, &ids) {
+        Ok(route) => route,
+        Err((status, reason)) => {
+            return ids.finish(gateway_error(status, reason).map(Into::into));
         }
-    }
-    response
+    };
+    let method = request.method().clone();
+    ids.trace.routed(&method, &route.name, ids.request_id());
+    let (mut parts, body) = request.into_parts();
+    let (upgrade, forwarding) = prepare_upstream(&mut parts, &snapshot, &peer, &ids);
+    let response = if route.chain.is_empty() {
+        let limit = snapshot.http.max_request_body.0;
+        match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
+            Ok(body) => {
+                let mut outgoing = Outgoing::new(
+                    route,
+                    &parts.method,
+                    &parts.uri,
+                    Cow::Owned(parts.headers),
+                    body,
+                );
+                // No plugin reads the request: its forwarding headers are written as it is sent.
+                outgoing.forwarding = forwarding;
+                // No plugin reads the response: its head may pass through as it came.
+                forward(route, outgoing, upgrade, &ids, peer.raw_heads)
+                    .await
+                    .map(Into::into)
+            }
+            Err(refusal) => refusal.map(Into::into),
+        }
+    } else {
+        // Plugins see the forwarding headers the upstream will.
+        if let Some(fields) = forwarding {
+            fields.insert_into(&mut parts.headers);
+        }
+        let mut exchange = Exchange::new(
+            parts,
+            peer.client.clone(),
+            route.name.clone(),
+            ids.request_id.clone(),
+        );
+        if !ids.trace.trace_id.is_empty() {
+            exchange.trace_id = ids.trace.trace_id.clone();
+        }
+        let request = ClientRequest {
+            exchange: Box::new(exchange),
+            body,
+            upgrade,
+            received,
+        };
+        // Boxed: a chain's future holds the plugin calls' futures and is several kilobytes
+        // more; inline, it would make every request's future that big.
+        Box::pin(run_chain(&snapshot, route, request, &ids)).await
+    };
+    route
+        .metrics
+        .answered(&method, response.status(), received.elapsed());
+    ChainLink::make_ahead(&route.chain);
+    ids.finish(response)
 }
 
 /// What names a request in logs and traces.
@@ -91,16 +144,32 @@ impl RequestIds {
     fn request_id(&self) -> &str {
         self.request_id.to_str().unwrap_or("")
     }
+
+    /// Ends the request's trace and names the request in its response (`X-Request-Id`).
+    fn finish(self, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+        self.trace.finish(response.status());
+        match response.body_mut().raw_fields_mut() {
+            // A head passed through as bytes: the line goes with them, and the map, empty, is
+            // never allocated.
+            Some(raw) => raw.push(&X_REQUEST_ID, &self.request_id),
+            None => {
+                response
+                    .headers_mut()
+                    .insert(X_REQUEST_ID.clone(), self.request_id);
+            }
+        }
+        response
+    }
 }
 
-async fn route_and_forward(
-    snapshot: &Snapshot,
-    mut request: Request<RequestBody>,
-    peer: Peer,
+/// Admits and routes a request: its route, or the status and reason to answer a request with
+/// that is refused before routing (400, 414, 431 ...) or that no route takes (404, 405).
+fn route_request<'s>(
+    snapshot: &'s Snapshot,
+    request: &mut Request<RequestBody>,
     ids: &RequestIds,
-) -> Response<ResponseBody> {
-    let received = Instant::now();
-    if let Err(refusal) = crate::admission::admit(&mut request, &snapshot.http) {
+) -> Result<&'s Route, (StatusCode, &'static str)> {
+    if let Err(refusal) = crate::admission::admit(request, &snapshot.http) {
         tracing::debug!(
             status = refusal.status.as_u16(),
             reason = refusal.reason,
@@ -111,11 +180,11 @@ async fn route_and_forward(
             .services
             .metrics
             .unrouted(request.method(), refusal.status);
-        return gateway_error(refusal.status, refusal.reason).map(Into::into);
+        return Err((refusal.status, refusal.reason));
     }
-    let host = request_host(&request);
-    let route = match snapshot.route(host, request.uri().path(), request.method()) {
-        Ok(route) => route,
+    let host = request_host(request);
+    match snapshot.route(host, request.uri().path(), request.method()) {
+        Ok(route) => Ok(route),
         Err(unrouted) => {
             let (status, reason) = match unrouted {
                 RouteMatch::MethodNotAllowed => {
@@ -124,29 +193,21 @@ async fn route_and_forward(
                 _ => (StatusCode::NOT_FOUND, "no route"),
             };
             snapshot.services.metrics.unrouted(request.method(), status);
-            return gateway_error(status, reason).map(Into::into);
+            Err((status, reason))
         }
-    };
-    let method = request.method().clone();
-    ids.trace.routed(&method, &route.name, ids.request_id());
-    let response = forward_routed(snapshot, route, request, peer, ids, received).await;
-    route
-        .metrics
-        .answered(&method, response.status(), received.elapsed());
-    ChainLink::make_ahead(&route.chain);
-    response
+    }
 }
 
-async fn forward_routed(
+/// Prepares a routed request's head for the upstream: takes out an upgrade it asks for, strips
+/// its hop-by-hop fields, adds `X-Request-Id`, and returns the forwarding fields to add (those
+/// the client sent are kept only from a trusted proxy).
+fn prepare_upstream<'p>(
+    parts: &mut http::request::Parts,
     snapshot: &Snapshot,
-    route: &Route,
-    request: Request<RequestBody>,
-    peer: Peer,
+    peer: &'p Peer,
     ids: &RequestIds,
-    received: Instant,
-) -> Response<ResponseBody> {
-    let (mut parts, body) = request.into_parts();
-    let upgrade = Upgrade::take(&mut parts);
+) -> (Option<Upgrade>, Option<crate::forwarded::Fields<'p>>) {
+    let upgrade = Upgrade::take(parts);
     // Done before any plugin runs, so that `Connection` can only ever name the client's own
     // hop-by-hop headers, never one a plugin or the gateway adds later.
     strip_hop_by_hop(&mut parts.headers);
@@ -160,50 +221,7 @@ async fn forward_routed(
         if peer.secure { "https" } else { "http" },
         &snapshot.trusted_proxies,
     );
-
-    if route.chain.is_empty() {
-        let limit = snapshot.http.max_request_body.0;
-        let body = match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
-            Ok(body) => body,
-            Err(refusal) => return refusal.map(Into::into),
-        };
-        let mut outgoing = Outgoing::new(
-            route,
-            &parts.method,
-            &parts.uri,
-            Cow::Owned(parts.headers),
-            body,
-        );
-        // No plugin reads the request: its forwarding headers are written as it is sent.
-        outgoing.forwarding = forwarding;
-        // No plugin reads the response: its head may pass through as it came.
-        return forward(route, outgoing, upgrade, ids, peer.raw_heads)
-            .await
-            .map(Into::into);
-    }
-    // Plugins see the forwarding headers the upstream will.
-    if let Some(fields) = forwarding {
-        fields.insert_into(&mut parts.headers);
-    }
-    let mut exchange = Exchange::new(
-        parts,
-        peer.client.clone(),
-        route.name.clone(),
-        ids.request_id.clone(),
-    );
-    if !ids.trace.trace_id.is_empty() {
-        exchange.trace_id = ids.trace.trace_id.clone();
-    }
-    let request = ClientRequest {
-        exchange: Box::new(exchange),
-        body,
-        upgrade,
-        received,
-    };
-    // Boxed: a chain's future holds the plugin calls' futures and is several kilobytes; inline,
-    // it would make every request's future that big, chain or not, and hyper moves that future
-    // once per request.
-    Box::pin(run_chain(snapshot, route, request, ids)).await
+    (upgrade, forwarding)
 }
 
 /// A routed request on its way into the chain.
@@ -695,8 +713,10 @@ struct Outgoing<'h> {
 
 /// A request body on its way upstream.
 enum OutgoingBody {
-    /// Streamed from the client as it arrives: it can be sent once.
-    Streamed(Option<UpstreamBody>),
+    /// Streamed from the client as it arrives: it can be sent once. Boxed: the body is ~190
+    /// bytes and rare (a large or chunked upload), and this enum is held in every request's
+    /// future, which is moved whole as it is built.
+    Streamed(Option<Box<UpstreamBody>>),
     /// Known whole (empty, or buffered for plugins): it can be sent again. The counter, when
     /// the completion phase wants it, gets the bytes sent.
     Replayable(Bytes, Option<Arc<AtomicU64>>),
@@ -741,13 +761,13 @@ impl OutgoingBody {
             Some(counter) => UpstreamBody::counted(streamed(body), counter),
             None => UpstreamBody::from(streamed(body)),
         };
-        OutgoingBody::Streamed(Some(body.limited(limit)))
+        OutgoingBody::Streamed(Some(Box::new(body.limited(limit))))
     }
 
     /// The body for one attempt; `None` once a streamed body has been sent.
     fn for_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
-            OutgoingBody::Streamed(body) => body.take(),
+            OutgoingBody::Streamed(body) => body.take().map(|body| *body),
             OutgoingBody::Replayable(bytes, counter) => Some(match counter {
                 Some(counter) => {
                     counter.store(0, Ordering::Relaxed);
@@ -860,15 +880,12 @@ impl<'h> Outgoing<'h> {
 }
 
 /// One attempt's request, for the client that sends it.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one per attempt, on the stack; boxing hyper's would allocate per attempt"
-)]
 enum Attempt<'a> {
     /// Through wasmgate's own HTTP/1.1 client.
     Native(crate::h1::Request<'a>),
-    /// Through hyper's client.
-    Hyper(Request<UpstreamBody>),
+    /// Through hyper's client. Boxed: twice the size of the common native request, and held in
+    /// every request's future, which is moved whole as it is built.
+    Hyper(Box<Request<UpstreamBody>>),
 }
 
 impl Attempt<'_> {
@@ -877,28 +894,6 @@ impl Attempt<'_> {
         match self {
             Attempt::Native(request) => request.headers.to_mut(),
             Attempt::Hyper(request) => request.headers_mut(),
-        }
-    }
-
-    /// Sends the request to `target` and waits for the response head.
-    async fn send(
-        self,
-        upstream: &Upstream,
-        target: &Target,
-        client: usize,
-    ) -> Result<Response<Stream>, BoxError> {
-        match self {
-            Attempt::Native(request) => {
-                let response = target
-                    .pool
-                    .send(request, upstream.connect_timeout(client))
-                    .await?;
-                Ok(response.map(Stream::from))
-            }
-            Attempt::Hyper(request) => {
-                let response = upstream.client(client).request(request).await?;
-                Ok(response.map(Stream::from))
-            }
         }
     }
 }
@@ -967,7 +962,7 @@ async fn forward(
             let Some(request) = outgoing.attempt(target, upstream.version, last) else {
                 break;
             };
-            Attempt::Hyper(request)
+            Attempt::Hyper(Box::new(request))
         };
         if let Some(upgrade) = &upgrade {
             let headers = request.headers_mut();
@@ -992,7 +987,27 @@ async fn forward(
         let sent = Instant::now();
         let outcome = {
             let _outstanding = upstream.begin(index);
-            tokio::time::timeout(head_wait, request.send(upstream, target, route.client)).await
+            // Each client's future is awaited here rather than in an `async fn` of the attempt:
+            // every level of `async fn` is a future built and then moved whole into its
+            // caller's, once per request.
+            match request {
+                Attempt::Native(request) => {
+                    let sending = target
+                        .pool
+                        .send(request, upstream.connect_timeout(route.client));
+                    tokio::time::timeout(head_wait, sending).await.map(|sent| {
+                        sent.map(|head| head.map(Stream::from))
+                            .map_err(BoxError::from)
+                    })
+                }
+                Attempt::Hyper(request) => {
+                    let sending = upstream.client(route.client).request(*request);
+                    tokio::time::timeout(head_wait, sending).await.map(|sent| {
+                        sent.map(|head| head.map(Stream::from))
+                            .map_err(BoxError::from)
+                    })
+                }
+            }
         };
         target.duration.observe(sent.elapsed().as_secs_f64());
         let attempt_failure = match outcome {

@@ -247,7 +247,7 @@ impl RequestTrace {
     pub fn child(&self, name: impl FnOnce() -> Cow<'static, str>) -> Option<ChildSpan> {
         let (cx, tracer) = self.exported.as_ref()?;
         let span = tracer.span_builder(name()).start_with_context(tracer, cx);
-        Some(ChildSpan(span))
+        Some(ChildSpan(Box::new(span)))
     }
 
     /// Whether this request's spans are exported: only then does an upstream call change its
@@ -280,7 +280,7 @@ impl RequestTrace {
             flags: context.trace_flags().to_u8(),
         };
         headers.insert(TRACEPARENT.clone(), ours.to_header());
-        Some(ChildSpan(span))
+        Some(ChildSpan(Box::new(span)))
     }
 
     /// Ends the server span with the response status.
@@ -300,7 +300,11 @@ impl RequestTrace {
 }
 
 /// A child span; ends when dropped, or with an error status by [`ChildSpan::fail`].
-pub struct ChildSpan(opentelemetry_sdk::trace::Span);
+///
+/// Boxed: a span is ~280 bytes, and an `Option<ChildSpan>` is held across the awaits of every
+/// request's future (the upstream call, each plugin phase) whether or not it is exported, and
+/// that future is moved whole as it is built. Only an exported span pays for the allocation.
+pub struct ChildSpan(Box<opentelemetry_sdk::trace::Span>);
 
 impl ChildSpan {
     /// Marks the span failed.
