@@ -1,6 +1,7 @@
 //! The per-request data that plugins read and edit through their imports.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -166,12 +167,53 @@ pub fn checked_header(
 
 /// Checks a header name a plugin wants to write or remove.
 pub fn checked_name(name: &str, phase_is_request: bool) -> Result<HeaderName, String> {
-    let name = HeaderName::from_bytes(name.as_bytes())
+    let name = parse_name(name)
         .map_err(|_| format!("`{}` is not a valid header name", name.escape_debug()))?;
     if is_protected_header(&name, phase_is_request) {
         return Err(format!("`{name}` is managed by the gateway"));
     }
     Ok(name)
+}
+
+/// How many header names [`parse_name`] keeps per thread.
+const RECENT_NAMES: usize = 16;
+
+thread_local! {
+    /// Header names plugins wrote or removed lately on this thread, as parsed.
+    static RECENT: RefCell<RecentNames> = const {
+        RefCell::new(RecentNames {
+            names: Vec::new(),
+            next: 0,
+        })
+    };
+}
+
+/// The last [`RECENT_NAMES`] distinct header names parsed, oldest replaced first.
+struct RecentNames {
+    names: Vec<HeaderName>,
+    next: usize,
+}
+
+/// Parses a header name a plugin passed. Parsing a name outside the standard set copies it to
+/// the heap; plugins write the same few names (`x-consumer`, `x-user`) on every request, so the
+/// name parsed before is shared instead (a reference count). Only a name given exactly as it
+/// parses (lower case) is kept, so that finding one is a plain comparison.
+fn parse_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    RECENT.with_borrow_mut(|recent| {
+        if let Some(known) = recent.names.iter().find(|known| known.as_str() == name) {
+            return Ok(known.clone());
+        }
+        let parsed = HeaderName::from_bytes(name.as_bytes())?;
+        if parsed.as_str() == name {
+            if recent.names.len() < RECENT_NAMES {
+                recent.names.push(parsed.clone());
+            } else {
+                recent.names[recent.next] = parsed.clone();
+                recent.next = (recent.next + 1) % RECENT_NAMES;
+            }
+        }
+        Ok(parsed)
+    })
 }
 
 #[cfg(test)]
@@ -201,5 +243,28 @@ mod tests {
         assert!(checked_header("transfer-encoding", "chunked".into(), false).is_err());
         assert!(checked_header("host", "evil".into(), true).is_err());
         assert!(checked_header("host", "fine".into(), false).is_ok());
+    }
+
+    #[test]
+    fn a_header_name_written_again_shares_the_one_parsed_before() {
+        let first = checked_name("x-interned-consumer", true).unwrap();
+        let again = checked_name("x-interned-consumer", true).unwrap();
+        assert_eq!(first, again);
+        // The same bytes, not a second copy of them.
+        assert_eq!(first.as_str().as_ptr(), again.as_str().as_ptr());
+        // Given in another case, it parses to the same name.
+        assert_eq!(checked_name("X-Interned-Consumer", true).unwrap(), first);
+        // Protected names stay refused, however often they are asked for.
+        for _ in 0..2 {
+            assert!(checked_name("content-length", false).is_err());
+        }
+        // More names than are kept: each still parses to itself, the oldest parsed again.
+        let many: Vec<String> = (0..2 * RECENT_NAMES)
+            .map(|i| format!("x-name-{i}"))
+            .collect();
+        for name in many.iter().chain(&many) {
+            assert_eq!(checked_name(name, true).unwrap().as_str(), name);
+        }
+        assert!(checked_name("bad name", true).is_err());
     }
 }
