@@ -628,17 +628,30 @@ impl CliGateway {
             .expect("the listening address in the log")
     }
 
-    /// The next log line that contains `needle` (within 30 s).
+    /// The next log line that contains `needle` (within 30 s). When there is none, the panic
+    /// shows the lines read on the way, so that a gateway that exited says why.
     pub async fn line_containing(&mut self, needle: &str) -> String {
+        let mut skipped = Vec::new();
         loop {
             let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
                 .await
-                .unwrap_or_else(|_| panic!("no log line with {needle:?} in time"))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no log line with {needle:?} in time; read:\n{}",
+                        skipped.join("\n")
+                    )
+                })
                 .expect("reading the log")
-                .unwrap_or_else(|| panic!("the gateway exited before logging {needle:?}"));
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the gateway exited before logging {needle:?}; its log:\n{}",
+                        skipped.join("\n")
+                    )
+                });
             if line.contains(needle) {
                 return line;
             }
+            skipped.push(line);
         }
     }
 
