@@ -20,6 +20,9 @@ async fn the_readme_flow_works() {
         .unwrap()
         .replace("127.0.0.1:9000", &upstream_addr.to_string())
         .replace("127.0.0.1:8080", "127.0.0.1:0")
+        // The admin listener too: a fixed port can be taken (by a gateway started by hand from
+        // the same example, say), and the flow does not use it.
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
         .replace(
             "../target/wasm/wasm32-wasip2/release",
             &plugin_dir().display().to_string(),
