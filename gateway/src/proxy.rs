@@ -34,6 +34,7 @@ use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
 use crate::runtime::exchange::Properties;
+use crate::runtime::fixed;
 use crate::runtime::{Decision, Exchange, FailureKind, Lease, Phase, PluginError};
 use crate::snapshot::{ChainLink, Route, Snapshot};
 use crate::trace::{ChildSpan, RequestTrace};
@@ -273,6 +274,36 @@ async fn run_chain(
             }
             continue;
         }
+        if let Some(edits) = &link.fixed.request {
+            // Made here, in the plugin's place, instead of calling it (contract 0.2.4).
+            let saved =
+                (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
+            let cap = link.plugin.budget().headers;
+            match fixed::apply(edits, &mut exchange.request.headers, cap) {
+                Ok(()) if link.phases.after_request() => ran.push((link, None)),
+                Ok(()) => {}
+                Err(detail) => {
+                    let err = PluginError {
+                        kind: FailureKind::Cap,
+                        phase: Phase::Request,
+                        detail,
+                    };
+                    let mut span = ids.trace.child(|| plugin_span(link, "request"));
+                    match on_failure(route, link, &exchange, &err, &mut span) {
+                        Some(response) => {
+                            answer = Some(response);
+                            break;
+                        }
+                        None => {
+                            if let Some(saved) = saved {
+                                saved.restore(&mut exchange);
+                            }
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "request"));
         let mut instance = match link.acquire().await {
@@ -379,19 +410,36 @@ async fn run_chain(
             (link.on_failure == FailurePolicy::FailOpen).then(|| ResponseEdits::save(&exchange));
         let started = Instant::now();
         let mut span = ids.trace.child(|| plugin_span(link, "response"));
-        let outcome = match link.keep_or_acquire(lease).await {
-            Ok(mut instance) => {
-                let (returned, outcome) = instance.on_response(exchange).await;
-                exchange = returned;
-                let metrics = link.plugin.metrics();
-                metrics.invoked(Phase::Response, started.elapsed());
-                outcome.map(|()| instance)
+        let outcome = match (&link.fixed.response, lease) {
+            // Made here, in the plugin's place, instead of calling it (contract 0.2.4).
+            (Some(edits), lease) => {
+                let headers = &mut exchange
+                    .response
+                    .as_mut()
+                    .expect("the response is in the exchange")
+                    .headers;
+                fixed::apply(edits, headers, link.plugin.budget().headers)
+                    .map(|()| lease)
+                    .map_err(|detail| PluginError {
+                        kind: FailureKind::Cap,
+                        phase: Phase::Response,
+                        detail,
+                    })
             }
-            Err(err) => Err(err),
+            (None, lease) => match link.keep_or_acquire(lease).await {
+                Ok(mut instance) => {
+                    let (returned, outcome) = instance.on_response(exchange).await;
+                    exchange = returned;
+                    let metrics = link.plugin.metrics();
+                    metrics.invoked(Phase::Response, started.elapsed());
+                    outcome.map(|()| Some(instance))
+                }
+                Err(err) => Err(err),
+            },
         };
         match outcome {
-            Ok(instance) if link.phases.complete => {
-                completing.push((link.clone(), Some(instance)));
+            Ok(lease) if link.phases.complete => {
+                completing.push((link.clone(), lease));
             }
             Ok(_) => {}
             Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {

@@ -18,6 +18,7 @@ use crate::manifest::{
 };
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{RouteMatch, Router, RouterBuilder};
+use crate::runtime::fixed::FixedEdits;
 use crate::runtime::{
     Ahead, AheadClaim, CacheStats, InstancePool, Lease, LoadSession, LoadedPlugin, Phases,
     PluginBudget, PluginError, PreinitJob, PreinitSlot, Preinitialized, Runtime,
@@ -75,6 +76,10 @@ pub struct ChainLink {
     /// loaded. A request takes an instance only for these phases, and gives it back after the
     /// last one.
     pub phases: Phases,
+    /// The header edits that are the whole of the plugin's request or response phase with this
+    /// configuration, as it answered when the manifest loaded: such a phase is not called, the
+    /// gateway makes the edits in the plugin's place.
+    pub fixed: FixedEdits,
     /// The plugin pre-initialised with this configuration, for a fresh instance per request
     /// without `configure` (`isolation: per-request`; made in the background after the load).
     pub preinit: Option<Arc<PreinitSlot>>,
@@ -321,9 +326,10 @@ impl Snapshot {
                 // which phases it wants. (Not kept for a pool: it would hold one of the plugin's
                 // instance slots while the other routes using the plugin are checked.)
                 let mut phases = Phases::default();
+                let mut fixed = FixedEdits::default();
                 let mut configured = false;
                 match plugin.instantiate(&config).await {
-                    Ok(instance) => {
+                    Ok(mut instance) => {
                         configured = true;
                         if instance.is_auth() && used.value.on_failure == FailurePolicy::FailOpen {
                             warnings.push(ManifestError {
@@ -332,6 +338,13 @@ impl Snapshot {
                             });
                         }
                         phases = instance.phases();
+                        match instance.ask_fixed().await {
+                            Ok(answer) => fixed = answer.unwrap_or_default(),
+                            Err(err) => errors.push(ManifestError {
+                                message: err.to_string(),
+                                ..here()
+                            }),
+                        }
                     }
                     Err(err) => errors.push(ManifestError {
                         message: err.to_string(),
@@ -348,14 +361,17 @@ impl Snapshot {
                     }
                     _ => None,
                 };
-                let ahead = (preinit.is_some() && (phases.request || phases.response))
-                    .then(|| runtime.ahead());
+                // Only for a phase that is called: fixed edits need no instance.
+                let called = (phases.request && fixed.request.is_none())
+                    || (phases.response && fixed.response.is_none());
+                let ahead = (preinit.is_some() && called).then(|| runtime.ahead());
                 chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),
                     config,
                     on_failure: used.value.on_failure,
                     pool,
                     phases,
+                    fixed,
                     preinit,
                     ahead,
                 }));

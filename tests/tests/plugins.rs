@@ -202,6 +202,71 @@ async fn an_auth_plugin_without_a_request_phase_is_refused_at_load() {
     );
 }
 
+/// A header rewrite with fixed values is made by the gateway in the plugin's place (contract
+/// 0.2.4, fixed edits), so a plugin after it in the chain sees its edits, and one before it in the
+/// response phase (reverse order) sees them too; one with a placeholder is still called.
+#[tokio::test]
+async fn fixed_edits_are_made_at_the_plugins_place_in_the_chain() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  fixed: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\n  echo: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: ordered, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: echo, config: {{ response: {{ set: {{ x-echo: \"{{header.x-order}}\" }} }} }} }}, {{ name: fixed, config: {{ request: {{ remove: [x-drop], set: {{ x-order: first }}, add: {{ x-list: b }} }}, response: {{ set: {{ x-fixed: made }} }} }} }}, {{ name: echo, config: {{ request: {{ set: {{ x-seen: \"{{header.x-order}}\" }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&text).await;
+    let request = Request::get("/a")
+        .header("x-drop", "gone")
+        .header("x-list", "a")
+        .header("x-order", "client")
+        .body(Full::default())
+        .unwrap();
+    let response = gateway.send(request).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let seen = upstream.last();
+    assert!(!seen.headers.contains_key("x-drop"), "{:?}", seen.headers);
+    assert_eq!(seen.headers["x-order"], "first");
+    let list: Vec<_> = seen.headers.get_all("x-list").iter().collect();
+    assert_eq!(list, ["a", "b"]);
+    // The third plugin ran after the fixed edits of the second.
+    assert_eq!(seen.headers["x-seen"], "first");
+    assert_eq!(response.header("x-fixed"), "made");
+    // The first plugin's response phase reads the request as the chain left it.
+    assert_eq!(response.header("x-echo"), "first");
+}
+
+/// A fixed edit is checked when the manifest loads, as the imports check an edit: one the
+/// gateway would refuse fails the load, naming the route and the plugin, rather than every
+/// request.
+#[tokio::test]
+async fn a_fixed_edit_the_gateway_refuses_fails_the_load() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: framed, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ content-length: \"5\" }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let err = load_error(&text).await;
+    assert!(
+        err.contains("route `framed`: plugin `rewrite`:")
+            && err.contains("a fixed request edit: `content-length` is managed by the gateway"),
+        "{err}"
+    );
+}
+
+/// An auth plugin whose request phase claims to be fixed edits would never be called to decide:
+/// refused at load, naming the route and the plugin.
+#[tokio::test]
+async fn an_auth_plugin_with_a_fixed_request_phase_is_refused_at_load() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  deny: {{ source: \"{{plugins}}/deny_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: guarded, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: deny, config: {{ fixed: true }} }}] }}\n",
+        upstream.url()
+    );
+    let err = load_error(&text).await;
+    assert!(
+        err.contains("route `guarded`: plugin `deny`:") && err.contains("fixes its request phase"),
+        "{err}"
+    );
+}
+
 /// Why the gateway refuses to start with `manifest`; fails the test if it starts.
 async fn load_error(manifest: &str) -> String {
     TestGateway::try_start(manifest)

@@ -38,7 +38,10 @@ mod generated_sync {
 
 pub(crate) use generated::Plugin as PluginWorld;
 pub(crate) use generated::wasmgate::plugin::{log, properties, request, response, types};
-pub(crate) use types::{Action, ImmediateResponse, LogLevel, ReadSet as WitReadSet};
+pub(crate) use types::{
+    Action, FixedEdits as WitFixedEdits, HeaderEdit as WitHeaderEdit, ImmediateResponse, LogLevel,
+    ReadSet as WitReadSet,
+};
 
 /// The exports as called on a fiber: `handler`, and `handler-with-values` (contract 0.2.3) when
 /// the plugin has it.
@@ -49,6 +52,8 @@ pub(crate) mod fiber {
     pub(crate) use super::generated::exports::wasmgate::plugin::handler_with_values::{
         Guest as WithValues, GuestIndices as WithValuesIndices,
     };
+    // Called once per use of a plugin, when the manifest loads: on a fiber only.
+    pub(crate) use super::generated::exports::wasmgate::plugin::handler_with_fixed_edits::GuestIndices as WithFixedEditsIndices;
 }
 
 /// The same exports, as called plainly.

@@ -16,6 +16,7 @@ mod bindings;
 pub mod budget;
 pub mod cache;
 pub mod exchange;
+pub mod fixed;
 mod host;
 mod preinit;
 mod sync_io;
@@ -359,6 +360,13 @@ impl Runtime {
                 false => None,
             },
         };
+        // `handler-with-fixed-edits` likewise (0.2.4); asked once per use, on a fiber.
+        let fixed = match component.get_export_index(None, WITH_FIXED_EDITS_EXPORT) {
+            Some(_) => {
+                Some(fiber::WithFixedEditsIndices::new(&pre).map_err(LinkError::NotAPlugin)?)
+            }
+            None => None,
+        };
         let plain = match plain {
             true => Some(Exports {
                 handler: plain::HandlerIndices::new(&pre).map_err(LinkError::NotAPlugin)?,
@@ -371,7 +379,15 @@ impl Runtime {
             }),
             false => None,
         };
-        Ok((pre, CallMode { fiber, plain, slow }))
+        Ok((
+            pre,
+            CallMode {
+                fiber,
+                plain,
+                fixed,
+                slow,
+            },
+        ))
     }
 
     /// The compiled component for these bytes: from this load, an earlier load, the disk cache,
@@ -466,6 +482,8 @@ struct CallMode {
     fiber: Exports<fiber::HandlerIndices, fiber::WithValuesIndices>,
     /// The exports, for plain calls; `None` when the plugin imports something that may wait.
     plain: Option<Exports<plain::HandlerIndices, plain::WithValuesIndices>>,
+    /// `handler-with-fixed-edits`, when the plugin has it (asked on a fiber, once per use).
+    fixed: Option<fiber::WithFixedEditsIndices>,
     /// Set when a plain call ran through too many epoch ticks. Shared by the plugin and its
     /// pre-initialised images: the same code is as slow in either.
     slow: Arc<AtomicBool>,
@@ -473,6 +491,9 @@ struct CallMode {
 
 /// The name `handler-with-values` is exported under (any later 0.2 version matches it).
 const WITH_VALUES_EXPORT: &str = "wasmgate:plugin/handler-with-values@0.2.3";
+
+/// The name `handler-with-fixed-edits` is exported under (any later 0.2 version matches it).
+const WITH_FIXED_EDITS_EXPORT: &str = "wasmgate:plugin/handler-with-fixed-edits@0.2.4";
 
 /// A plugin's exports (their indices in the component, or loaded from an instance): `handler`,
 /// and `handler-with-values` when the plugin has it.
@@ -1221,6 +1242,40 @@ impl PluginInstance {
         let mut values = std::mem::take(&mut self.values);
         reads.encode(exchange, phase, &mut values);
         Some(values)
+    }
+
+    /// Asks a configured instance for its plugin's fixed edits (`handler-with-fixed-edits`,
+    /// contract 0.2.4), checked as the imports check an edit; `None` for a plugin without that
+    /// export. Asked once per use of the plugin, when the manifest loads.
+    pub async fn ask_fixed(&mut self) -> Result<Option<fixed::FixedEdits>, PluginError> {
+        let calls = self.store.data().call_mode.clone();
+        let Some(indices) = &calls.fixed else {
+            return Ok(None);
+        };
+        self.begin(Phase::Configure, false)?;
+        let outcome = match indices.load(&mut self.store, &self.component) {
+            Ok(exports) => exports.call_fixed(&mut self.store).await,
+            Err(err) => Err(err),
+        };
+        let answer = self.finish(Phase::Configure, outcome)?;
+        if self.auth && answer.request.is_some() {
+            // The gateway would never call its check: every request would pass.
+            return Err(PluginError {
+                kind: FailureKind::Config,
+                phase: Phase::Configure,
+                detail: "the plugin says it decides who may pass (auth) but fixes its request \
+                         phase, so it would let every request through"
+                    .into(),
+            });
+        }
+        let budget = self.store.data().budget;
+        fixed::FixedEdits::check(answer, &budget)
+            .map(Some)
+            .map_err(|detail| PluginError {
+                kind: FailureKind::Config,
+                phase: Phase::Configure,
+                detail,
+            })
     }
 
     /// Asks a configured instance what its plugin reads (`handler-with-values.reads`), and

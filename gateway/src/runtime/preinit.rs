@@ -362,6 +362,7 @@ impl Runtime {
                 values: None,
             },
             plain: None,
+            fixed: None,
             slow: Default::default(),
         });
         let with_values = match component.get_export_index(None, super::WITH_VALUES_EXPORT) {

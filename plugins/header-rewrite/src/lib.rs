@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use wasmgate_plugin_sdk::{
-    Action, EditHeaders, HostError, ImmediateResponse, Plugin, Reads, Request, Response, log,
-    properties,
+    Action, EditHeaders, FixedEdits, HeaderEdit, HostError, ImmediateResponse, Plugin, Reads,
+    Request, Response, log, properties,
 };
 
 /// The plugin's configuration.
@@ -125,6 +125,15 @@ impl Template {
             parts.push(Part::Literal(literal));
         }
         Ok(Template(parts))
+    }
+
+    /// The value, when the template has no placeholder.
+    pub fn literal(&self) -> Option<String> {
+        match self.0.as_slice() {
+            [] => Some(String::new()),
+            [Part::Literal(text)] => Some(text.clone()),
+            _ => None,
+        }
     }
 
     /// Expands the template; `None` when a placeholder has no value.
@@ -230,6 +239,30 @@ impl Rewrite {
     }
 }
 
+impl Rewrite {
+    /// The rewrite as the edits it makes for every request, when nothing in it depends on the
+    /// request: no renames (they carry a header's values over) and no placeholders. In the
+    /// order `apply` makes them.
+    fn fixed(&self) -> Option<Vec<HeaderEdit>> {
+        if !self.rename.is_empty() {
+            return None;
+        }
+        let removes = self
+            .remove
+            .iter()
+            .map(|name| Some(HeaderEdit::Remove(name.clone())));
+        let sets = self
+            .set
+            .iter()
+            .map(|(name, value)| Some(HeaderEdit::Set(name.clone(), value.literal()?)));
+        let adds = self
+            .add
+            .iter()
+            .map(|(name, value)| Some(HeaderEdit::Add(name.clone(), value.literal()?)));
+        removes.chain(sets).chain(adds).collect()
+    }
+}
+
 /// Which headers a rewrite edits.
 #[derive(Clone, Copy)]
 enum Side {
@@ -294,6 +327,15 @@ impl Plugin for HeaderRewrite {
     fn reads(&self) -> Reads {
         let reads = self.request.reads(Reads::new(), Side::Request);
         self.response.reads(reads, Side::Response)
+    }
+
+    fn fixed_edits(&self) -> FixedEdits {
+        // With fixed values (the usual rewrite), the gateway makes the edits itself, and the
+        // phases below run only in a gateway older than contract 0.2.4.
+        FixedEdits {
+            request: self.request.fixed(),
+            response: self.response.fixed(),
+        }
     }
 
     fn on_request(&self, request: &mut Request) -> Action {
@@ -370,6 +412,31 @@ mod tests {
     fn config(json: &str) -> Result<HeaderRewrite, String> {
         let config: Config = serde_json::from_str(json).map_err(|e| e.to_string())?;
         HeaderRewrite::new(config)
+    }
+
+    #[test]
+    fn fixed_values_are_fixed_edits_and_placeholders_or_renames_are_not() {
+        let plugin = config(
+            r#"{"request":{"add":{"x-c":"3"},"set":{"x-b":"2","x-a":"{{1}}"},"remove":["x-old"]},
+                "response":{"set":{"x-r":"{route}"}}}"#,
+        )
+        .unwrap();
+        let fixed = plugin.fixed_edits();
+        // In the order the phase makes them: removes, sets (by name), adds.
+        assert_eq!(
+            fixed.request,
+            Some(vec![
+                HeaderEdit::Remove("x-old".into()),
+                HeaderEdit::Set("x-a".into(), "{1}".into()),
+                HeaderEdit::Set("x-b".into(), "2".into()),
+                HeaderEdit::Add("x-c".into(), "3".into()),
+            ])
+        );
+        assert_eq!(fixed.response, None);
+        let renaming = config(r#"{"request":{"rename":{"x-a":"x-b"}}}"#).unwrap();
+        assert_eq!(renaming.fixed_edits().request, None);
+        // Nothing to do is fixed too: the phase need not be called.
+        assert_eq!(renaming.fixed_edits().response, Some(Vec::new()));
     }
 
     #[test]
