@@ -274,57 +274,42 @@ async fn run_chain(
             }
             continue;
         }
-        if let Some(edits) = &link.fixed.request {
+        let started = Instant::now();
+        let mut span = ids.trace.child(|| plugin_span(link, "request"));
+        let (lease, saved, decision) = match &link.fixed.request {
             // Made here, in the plugin's place, instead of calling it (contract 0.2.4).
-            let saved =
-                (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
-            let cap = link.plugin.budget().headers;
-            match fixed::apply(edits, &mut exchange.request.headers, cap) {
-                Ok(()) if link.phases.after_request() => ran.push((link, None)),
-                Ok(()) => {}
-                Err(detail) => {
-                    let err = PluginError {
-                        kind: FailureKind::Cap,
-                        phase: Phase::Request,
-                        detail,
-                    };
-                    let mut span = ids.trace.child(|| plugin_span(link, "request"));
-                    match on_failure(route, link, &exchange, &err, &mut span) {
+            Some(edits) => {
+                let saved = (link.on_failure == FailurePolicy::FailOpen)
+                    .then(|| RequestEdits::save(&exchange));
+                let cap = link.plugin.budget().headers;
+                let applied = fixed::apply(edits, &mut exchange.request.headers, cap)
+                    .map(|()| Decision::Continue)
+                    .map_err(fixed_failure(Phase::Request));
+                (None, saved, applied)
+            }
+            None => {
+                let mut instance = match link.acquire().await {
+                    Ok(instance) => instance,
+                    Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
                         Some(response) => {
                             answer = Some(response);
                             break;
                         }
-                        None => {
-                            if let Some(saved) = saved {
-                                saved.restore(&mut exchange);
-                            }
-                        }
-                    }
-                }
+                        None => continue,
+                    },
+                };
+                let saved = (link.on_failure == FailurePolicy::FailOpen)
+                    .then(|| RequestEdits::save(&exchange));
+                let (returned, decision) = instance.on_request(exchange).await;
+                exchange = returned;
+                let metrics = link.plugin.metrics();
+                metrics.invoked(Phase::Request, started.elapsed());
+                (Some(instance), saved, decision)
             }
-            continue;
-        }
-        let started = Instant::now();
-        let mut span = ids.trace.child(|| plugin_span(link, "request"));
-        let mut instance = match link.acquire().await {
-            Ok(instance) => instance,
-            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
-                Some(response) => {
-                    answer = Some(response);
-                    break;
-                }
-                None => continue,
-            },
         };
-        let saved =
-            (link.on_failure == FailurePolicy::FailOpen).then(|| RequestEdits::save(&exchange));
-        let (returned, decision) = instance.on_request(exchange).await;
-        exchange = returned;
-        let metrics = link.plugin.metrics();
-        metrics.invoked(Phase::Request, started.elapsed());
         match decision {
             Ok(Decision::Continue) if link.phases.after_request() => {
-                ran.push((link, Some(instance)));
+                ran.push((link, lease));
             }
             // Dropping the lease gives a pooled instance back for the next request.
             Ok(Decision::Continue) => {}
@@ -420,11 +405,7 @@ async fn run_chain(
                     .headers;
                 fixed::apply(edits, headers, link.plugin.budget().headers)
                     .map(|()| lease)
-                    .map_err(|detail| PluginError {
-                        kind: FailureKind::Cap,
-                        phase: Phase::Response,
-                        detail,
-                    })
+                    .map_err(fixed_failure(Phase::Response))
             }
             (None, lease) => match link.keep_or_acquire(lease).await {
                 Ok(mut instance) => {
@@ -485,6 +466,16 @@ async fn run_chain(
         AfterBody::new(background.track_future(completion), runtime)
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
+}
+
+/// The failure of a plugin's fixed edits in `phase`: only the header cap can refuse them (the
+/// rest was checked when the manifest loaded).
+fn fixed_failure(phase: Phase) -> impl FnOnce(String) -> PluginError {
+    move |detail| PluginError {
+        kind: FailureKind::Cap,
+        phase,
+        detail,
+    }
 }
 
 /// Body bytes of one exchange.
