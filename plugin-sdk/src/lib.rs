@@ -1161,7 +1161,7 @@ macro_rules! export_plugin {
 
             impl $crate::__private::GuestWithFixedEdits for WasmgateExport {
                 fn fixed() -> $crate::__private::WitFixedEdits {
-                    $crate::__private::fixed_edits()
+                    $crate::__private::fixed_edits::<$plugin>(&INSTANCE)
                 }
             }
 
@@ -1183,9 +1183,6 @@ mod glue {
     /// What the configured plugin reads ([`Plugin::reads`]); one plugin per component.
     static READS: OnceLock<Reads> = OnceLock::new();
 
-    /// The configured plugin's fixed edits ([`Plugin::fixed_edits`]).
-    static FIXED: OnceLock<FixedEdits> = OnceLock::new();
-
     /// `handler.configure`: parses the configuration and builds the plugin.
     pub fn configure<P: Plugin>(
         slot: &OnceLock<P>,
@@ -1194,7 +1191,6 @@ mod glue {
         let parsed = parse_config::<P::Config>(config)?;
         let plugin = P::new(parsed)?;
         let reads = plugin.reads();
-        let _ = FIXED.set(plugin.fixed_edits());
         // A second `configure` on the same instance keeps the first plugin: the gateway never
         // does this, and replacing state under a running instance would be surprising.
         let _ = slot.set(plugin);
@@ -1217,26 +1213,26 @@ mod glue {
         }
     }
 
-    /// `handler-with-fixed-edits.fixed`: what [`Plugin::fixed_edits`] said at
-    /// `configure`.
-    pub fn fixed_edits() -> __private::WitFixedEdits {
+    /// `handler-with-fixed-edits.fixed`: [`Plugin::fixed_edits`] of the configured plugin,
+    /// asked only when the gateway asks (once per use, when the manifest loads).
+    pub fn fixed_edits<P: Plugin>(slot: &OnceLock<P>) -> __private::WitFixedEdits {
         use wit::types::HeaderEdit as Wit;
-        let list = |edits: &Option<Vec<HeaderEdit>>| {
-            edits.as_ref().map(|edits| {
+        let list = |edits: Option<Vec<HeaderEdit>>| {
+            edits.map(|edits| {
                 edits
-                    .iter()
+                    .into_iter()
                     .map(|edit| match edit {
-                        HeaderEdit::Set(name, value) => Wit::Set((name.clone(), value.clone())),
-                        HeaderEdit::Add(name, value) => Wit::Add((name.clone(), value.clone())),
-                        HeaderEdit::Remove(name) => Wit::Remove(name.clone()),
+                        HeaderEdit::Set(name, value) => Wit::Set((name, value)),
+                        HeaderEdit::Add(name, value) => Wit::Add((name, value)),
+                        HeaderEdit::Remove(name) => Wit::Remove(name),
                     })
                     .collect()
             })
         };
-        let fixed = FIXED.get().cloned().unwrap_or_default();
+        let fixed = configured(slot).fixed_edits();
         __private::WitFixedEdits {
-            request: list(&fixed.request),
-            response: list(&fixed.response),
+            request: list(fixed.request),
+            response: list(fixed.response),
         }
     }
 
