@@ -29,6 +29,11 @@ const XFP: usize = 1;
 const XFH: usize = 2;
 const RFC_7239: usize = 3;
 
+/// Whether `name` is one of the forwarding headers this module writes.
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    FORWARDING.contains(&name)
+}
+
 /// The networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
@@ -190,6 +195,11 @@ pub struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// How many headers they are.
+    pub fn count(&self) -> usize {
+        3 + usize::from(self.host.is_some())
+    }
+
     /// Inserts them into `headers`.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         headers.insert(X_FORWARDED_FOR.clone(), self.client.listed.clone());

@@ -118,6 +118,51 @@ impl RawFields {
     pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
         field(&mut self.lines, name.as_str().as_bytes(), value.as_bytes());
     }
+
+    /// How many field lines there are (a value never holds a line feed: the parser refused it).
+    pub fn count(&self) -> usize {
+        self.lines.iter().filter(|&&b| b == b'\n').count()
+    }
+
+    /// Removes the lines of the field `name` (never a framing field: the caller's edits were
+    /// checked for that), in place.
+    pub fn remove(&mut self, name: &HeaderName) {
+        let name = name.as_str().as_bytes();
+        let (mut kept, mut at) = (0, 0);
+        while at < self.lines.len() {
+            let end = self.lines[at..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(self.lines.len(), |newline| at + newline + 1);
+            let line = &self.lines[at..end];
+            let named = line.len() > name.len()
+                && line[name.len()] == b':'
+                && line[..name.len()].eq_ignore_ascii_case(name);
+            if !named {
+                self.lines.copy_within(at..end, kept);
+                kept += end - at;
+            }
+            at = end;
+        }
+        self.lines.truncate(kept);
+    }
+
+    /// The fields as a map, appended to `headers` (for edits that must be made on one).
+    pub fn into_map(self, headers: &mut HeaderMap) {
+        for line in self.lines.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            // Checked by the parser already; a line that would not parse again is left out.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
 }
 
 /// Why a request failed.
@@ -1094,6 +1139,37 @@ mod tests {
         assert!(parsed.raw.is_none());
         assert_eq!(parsed.headers.len(), 1);
         assert_eq!(parsed.headers["x-kept"], "1");
+    }
+
+    #[test]
+    fn raw_fields_are_counted_edited_and_mapped_as_their_map_would_be() {
+        let mut raw = RawFields {
+            lines:
+                b"Server: up\r\nX-Twice: 1\r\nx-twice:2\r\nX-Twicer: 3\r\nX-Value:  spaced out\r\n"
+                    .to_vec(),
+            length: None,
+            dated: false,
+        };
+        assert_eq!(raw.count(), 5);
+        // Every line of the name, whatever its case; not a longer name that starts with it.
+        raw.remove(&HeaderName::from_static("x-twice"));
+        assert_eq!(
+            String::from_utf8(raw.lines.clone()).unwrap(),
+            "Server: up\r\nX-Twicer: 3\r\nX-Value:  spaced out\r\n"
+        );
+        raw.remove(&HeaderName::from_static("server"));
+        raw.push(
+            &HeaderName::from_static("x-added"),
+            &HeaderValue::from_static("a"),
+        );
+        raw.remove(&HeaderName::from_static("absent"));
+        assert_eq!(raw.count(), 3);
+        let mut map = HeaderMap::new();
+        raw.into_map(&mut map);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["x-twicer"], "3");
+        assert_eq!(map["x-value"], "spaced out");
+        assert_eq!(map["x-added"], "a");
     }
 
     #[test]

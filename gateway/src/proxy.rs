@@ -83,10 +83,14 @@ pub async fn handle(
     let method = request.method().clone();
     ids.trace.routed(&method, &route.name, ids.request_id());
     let (mut parts, body) = request.into_parts();
-    let (upgrade, forwarding) = prepare_upstream(&mut parts, &snapshot, &peer, &ids);
-    let response = if route.chain.is_empty() {
+    let (upgrade, mut forwarding) = prepare_upstream(&mut parts, &snapshot, &peer, &ids);
+    // A chain of fixed edits only is made on the way, without the chain's bookkeeping, when
+    // no edit can meet a plugin's header cap.
+    let bare = route.chain.is_empty()
+        || route.fixed_only && fixed_request(route, &mut parts.headers, &mut forwarding);
+    let response = if bare {
         let limit = snapshot.http.max_request_body.0;
-        match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
+        let response = match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
             Ok(body) => {
                 let mut outgoing = Outgoing::new(
                     route,
@@ -98,11 +102,13 @@ pub async fn handle(
                 // No plugin reads the request: its forwarding headers are written as it is sent.
                 outgoing.forwarding = forwarding;
                 // No plugin reads the response: its head may pass through as it came.
-                forward(route, outgoing, upgrade, &ids, peer.raw_heads)
-                    .await
-                    .map(Into::into)
+                forward(route, outgoing, upgrade, &ids, peer.raw_heads).await
             }
-            Err(refusal) => refusal.map(Into::into),
+            Err(refusal) => refusal,
+        };
+        match route.fixed_only {
+            true => fixed_response(route, response.map(Into::into), &ids),
+            false => response.map(Into::into),
         }
     } else {
         // Plugins see the forwarding headers the upstream will.
@@ -290,7 +296,7 @@ async fn run_chain(
             None => {
                 let mut instance = match link.acquire().await {
                     Ok(instance) => instance,
-                    Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
+                    Err(err) => match on_failure(route, link, names(&exchange), &err, &mut span) {
                         Some(response) => {
                             answer = Some(response);
                             break;
@@ -317,7 +323,7 @@ async fn run_chain(
                 answer = Some(response.map(full));
                 break;
             }
-            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
+            Err(err) => match on_failure(route, link, names(&exchange), &err, &mut span) {
                 Some(response) => {
                     answer = Some(response);
                     break;
@@ -423,7 +429,7 @@ async fn run_chain(
                 completing.push((link.clone(), lease));
             }
             Ok(_) => {}
-            Err(err) => match on_failure(route, link, &exchange, &err, &mut span) {
+            Err(err) => match on_failure(route, link, names(&exchange), &err, &mut span) {
                 Some(replacement) => {
                     // The upstream's body is dropped with its response head.
                     let (parts, body) = replacement.into_parts();
@@ -466,6 +472,111 @@ async fn run_chain(
         AfterBody::new(background.track_future(completion), runtime)
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
+}
+
+/// Makes the request edits of a chain that is only fixed edits ([`Route::fixed_only`]), in
+/// chain order, when none can take the headers past its plugin's cap (bounded before any is
+/// made: every set or add counted as a new header). Otherwise changes nothing and returns
+/// `false`: [`run_chain`] then makes them, with the plugins' failure policies.
+fn fixed_request(
+    route: &Route,
+    headers: &mut HeaderMap,
+    forwarding: &mut Option<crate::forwarded::Fields<'_>>,
+) -> bool {
+    // The chain would see the forwarding headers in the map: they count.
+    let mut count = headers.len() + forwarding.as_ref().map_or(0, |f| f.count());
+    let mut names_forwarding = false;
+    for link in &route.chain {
+        if let Some(edits) = &link.fixed.request {
+            count += fixed::most_added(edits);
+            if count > link.plugin.budget().headers as usize {
+                return false;
+            }
+            names_forwarding |= fixed::names_any(edits, crate::forwarded::is_forwarding);
+        }
+    }
+    // An edit of a forwarding header is made on it, as in the chain; otherwise they are
+    // written as the request is sent, as on a route without plugins.
+    if names_forwarding && let Some(fields) = forwarding.take() {
+        fields.insert_into(headers);
+    }
+    for link in &route.chain {
+        if let Some(edits) = &link.fixed.request {
+            fixed::make(edits, headers);
+        }
+    }
+    true
+}
+
+/// Makes the response edits of a chain that is only fixed edits, in reverse chain order, as
+/// [`run_chain`] would: on the upstream's head as it came when no edit can take it past its
+/// plugin's cap, on a map otherwise, with the plugins' failure policies.
+fn fixed_response(
+    route: &Route,
+    mut response: Response<ResponseBody>,
+    ids: &RequestIds,
+) -> Response<ResponseBody> {
+    let fits = |mut count: usize| {
+        route
+            .chain
+            .iter()
+            .rev()
+            .all(|link| match &link.fixed.response {
+                Some(edits) => {
+                    count += fixed::most_added(edits);
+                    count <= link.plugin.budget().headers as usize
+                }
+                None => true,
+            })
+    };
+    let edits = || {
+        route
+            .chain
+            .iter()
+            .rev()
+            .filter_map(|link| link.fixed.response.as_deref())
+    };
+    if let Some(raw) = response.body_mut().raw_fields_mut() {
+        if fits(raw.count()) {
+            edits().for_each(|edits| fixed::make_raw(edits, raw));
+            return response;
+        }
+        // One edit might pass a cap: made on a map, as the chain makes them.
+        if let Some(raw) = response.body_mut().take_raw_fields() {
+            raw.into_map(response.headers_mut());
+        }
+    }
+    if fits(response.headers().len()) {
+        edits().for_each(|edits| fixed::make(edits, response.headers_mut()));
+        return response;
+    }
+    for link in route.chain.iter().rev() {
+        let Some(edits) = &link.fixed.response else {
+            continue;
+        };
+        let saved =
+            (link.on_failure == FailurePolicy::FailOpen).then(|| response.headers().clone());
+        let cap = link.plugin.budget().headers;
+        if let Err(detail) = fixed::apply(edits, response.headers_mut(), cap) {
+            let err = fixed_failure(Phase::Response)(detail);
+            let names = (ids.request_id(), &*ids.trace.trace_id);
+            match on_failure(route, link, names, &err, &mut None) {
+                // The upstream's body is dropped with its response head.
+                Some(replacement) => return replacement.map(Into::into),
+                None => {
+                    if let Some(saved) = saved {
+                        *response.headers_mut() = saved;
+                    }
+                }
+            }
+        }
+    }
+    response
+}
+
+/// What names a request in a plugin failure's log line: its request id and trace id.
+fn names(exchange: &Exchange) -> (&str, &str) {
+    (exchange.request_id(), &exchange.trace_id)
 }
 
 /// The failure of a plugin's fixed edits in `phase`: only the header cap can refuse them (the
@@ -632,7 +743,7 @@ impl ResponseEdits {
 fn on_failure(
     route: &Route,
     link: &ChainLink,
-    exchange: &Exchange,
+    (request_id, trace_id): (&str, &str),
     err: &PluginError,
     span: &mut Option<ChildSpan>,
 ) -> Option<Response<ProxyBody>> {
@@ -641,8 +752,6 @@ fn on_failure(
     if let Some(span) = span {
         span.fail(err.kind.as_str());
     }
-    let request_id = exchange.request_id();
-    let trace_id = &*exchange.trace_id;
     let (phase, kind, detail) = (err.phase.as_str(), err.kind.as_str(), err.detail.as_str());
     let status = match (err.kind, link.on_failure) {
         // Shedding load is not the plugin failing: whatever its policy, it is not skipped.

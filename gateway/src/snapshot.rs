@@ -57,6 +57,10 @@ pub struct Route {
     pub chain: Vec<Arc<ChainLink>>,
     /// Whether a plugin in the chain reads bodies, so bodies are buffered.
     pub buffer_body: bool,
+    /// Whether the chain is only fixed edits (contract 0.2.4): no phase of it is called and
+    /// none reads a body. Its requests take the bare path, the gateway making the edits on the
+    /// way (`proxy::handle`).
+    pub fixed_only: bool,
     /// The route's metric series.
     pub metrics: RouteMetrics,
 }
@@ -90,6 +94,14 @@ pub struct ChainLink {
 }
 
 impl ChainLink {
+    /// Whether every phase the plugin asks for with this configuration is fixed edits: it is
+    /// never called for a request.
+    pub fn fixed_only(&self) -> bool {
+        !self.phases.complete
+            && (!self.phases.request || self.fixed.request.is_some())
+            && (!self.phases.response || self.fixed.response.is_some())
+    }
+
     /// An instance for one request: from the pool, or a fresh one: made ahead
     /// ([`ChainLink::make_ahead`]) or started now, from the pre-initialised image once it is
     /// ready, configured for the request until then.
@@ -387,6 +399,10 @@ impl Snapshot {
                 request_timeout: route.request_timeout.or(upstream.request_timeout),
                 client: upstream.client_index(route.connect_timeout),
                 buffer_body: chain.iter().any(|link| link.plugin.budget().body_access),
+                fixed_only: !chain.is_empty()
+                    && chain
+                        .iter()
+                        .all(|link| link.fixed_only() && !link.plugin.budget().body_access),
                 chain,
                 metrics: metrics.route(&route.name),
             });

@@ -233,6 +233,119 @@ async fn fixed_edits_are_made_at_the_plugins_place_in_the_chain() {
     assert_eq!(response.header("x-echo"), "first");
 }
 
+/// A chain that is only fixed edits takes the bare path, the edits made on the way: the request's
+/// in chain order (one of a forwarding header on the forwarding headers, as the chain would
+/// see them), the response's in reverse order on the upstream's head as it came (set replacing
+/// every line of a name whatever its case, remove taking them all).
+#[tokio::test]
+async fn a_chain_of_fixed_edits_only_makes_them_as_the_chain_would() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  first: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\n  second: {{ source: \"{{plugins}}/header_rewrite.wasm\", isolation: per-request }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fixed, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: first, config: {{ request: {{ remove: [x-drop], set: {{ x-order: first }}, add: {{ x-list: b }} }}, response: {{ remove: [x-version], set: {{ x-upstream: replaced, x-order: first }} }} }} }}, {{ name: second, config: {{ request: {{ remove: [x-forwarded-host], set: {{ x-order: second }} }}, response: {{ set: {{ x-order: second }}, add: {{ x-list: b }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&text).await;
+    for _ in 0..2 {
+        let request = Request::get("/a")
+            .header("x-drop", "gone")
+            .header("x-list", "a")
+            .header("x-order", "client")
+            .body(Full::default())
+            .unwrap();
+        let response = gateway.send(request).await;
+        assert_eq!(response.status, StatusCode::OK);
+        let seen = upstream.last();
+        assert!(!seen.headers.contains_key("x-drop"), "{:?}", seen.headers);
+        assert_eq!(seen.headers["x-order"], "second");
+        let list: Vec<_> = seen.headers.get_all("x-list").iter().collect();
+        assert_eq!(list, ["a", "b"]);
+        // Removed by an edit; the other forwarding headers still sent.
+        assert!(!seen.headers.contains_key("x-forwarded-host"));
+        assert!(
+            seen.headers["x-forwarded-for"]
+                .to_str()
+                .unwrap()
+                .starts_with("127.0.0.1")
+        );
+        assert_eq!(seen.headers["x-forwarded-proto"], "http");
+        assert!(seen.headers.contains_key("forwarded"));
+
+        // The response phase runs in reverse: the first plugin's set is the last made.
+        assert_eq!(response.header("x-order"), "first");
+        assert_eq!(response.header("x-upstream"), "replaced");
+        assert_eq!(response.headers.get_all("x-upstream").iter().count(), 1);
+        assert!(!response.headers.contains_key("x-version"));
+        assert_eq!(response.header("x-list"), "b");
+        assert!(!response.header("x-request-id").is_empty());
+    }
+}
+
+/// A chain of fixed edits that could take a message past the plugins' header cap goes the
+/// chain's way, with the plugin's failure policy: fail-closed answers 500, fail-open passes
+/// the message on without that plugin's edits. One that cannot is made as usual.
+#[tokio::test]
+async fn fixed_edits_past_the_header_cap_follow_the_failure_policy() {
+    let upstream = TestUpstream::start("main").await;
+    let many = "{ x-one: \"1\", x-two: \"2\", x-three: \"3\", x-four: \"4\", x-five: \"5\", x-six: \"6\" }";
+    let route = |name: &str, phase: &str, policy: &str| {
+        format!(
+            "  - {{ name: {name}, match: {{ prefix: /{name} }}, upstream: main, plugins: [{{ name: rewrite, config: {{ {phase}: {{ add: {many} }} }}, on_failure: {policy} }}] }}\n"
+        )
+    };
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nlimits: {{ plugin_headers: 9 }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n{}{}{}{}  - {{ name: few, match: {{ prefix: /few }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ add: {{ x-one: \"1\" }} }}, response: {{ add: {{ x-one: \"1\" }} }} }} }}] }}\n",
+        upstream.url(),
+        route("request-closed", "request", "fail-closed"),
+        route("request-open", "request", "fail-open"),
+        route("response-closed", "response", "fail-closed"),
+        route("response-open", "response", "fail-open"),
+    );
+    let gateway = TestGateway::start(&text).await;
+    let get = |path: &'static str| {
+        let request = Request::get(path)
+            .header("x-a", "1")
+            .header("x-b", "1")
+            .header("x-c", "1")
+            .body(Full::default())
+            .unwrap();
+        gateway.send(request)
+    };
+
+    // host, x-request-id, three client headers and four forwarding ones: 9 + 6 > 9.
+    let refused = get("/request-closed").await;
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(upstream.served(), 0);
+    let passed = get("/request-open").await;
+    assert_eq!(passed.status, StatusCode::OK);
+    let seen = upstream.last();
+    assert!(!seen.headers.contains_key("x-one"), "{:?}", seen.headers);
+    assert_eq!(seen.headers["x-a"], "1");
+
+    // x-upstream, x-version, content-length and date: 4 + 6 > 9.
+    let refused = get("/response-closed").await;
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        refused.text().starts_with("internal error"),
+        "{}",
+        refused.text()
+    );
+    let passed = get("/response-open").await;
+    assert_eq!(passed.status, StatusCode::OK);
+    assert!(!passed.headers.contains_key("x-one"));
+    assert_eq!(passed.header("x-upstream"), "main");
+    assert_eq!(
+        gateway.failures("rewrite", wasmgate::runtime::FailureKind::Cap),
+        4
+    );
+
+    let few = gateway
+        .send(Request::get("/few").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(few.status, StatusCode::OK);
+    assert_eq!(few.header("x-one"), "1");
+    assert_eq!(upstream.last().headers["x-one"], "1");
+}
+
 /// A fixed edit is checked when the manifest loads, as the imports check an edit: one the
 /// gateway would refuse fails the load, naming the route and the plugin, rather than every
 /// request.

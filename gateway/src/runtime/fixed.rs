@@ -6,7 +6,10 @@
 //! They are checked once, when the manifest loads, as the imports check an edit, so that a bad
 //! one fails the load with the route and plugin named rather than every request.
 
+use http::header::DATE;
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::h1::RawFields;
 
 use super::bindings::{WitFixedEdits, WitHeaderEdit};
 use super::budget::PluginBudget;
@@ -82,6 +85,16 @@ fn check_one(
 /// Makes `edits` on `headers`, in order; an error when the headers then pass `max_headers`
 /// (the cap the plugin's own edits would have met).
 pub fn apply(edits: &[FixedEdit], headers: &mut HeaderMap, max_headers: u32) -> Result<(), String> {
+    make(edits, headers);
+    match headers.len() > max_headers as usize {
+        true => Err(format!("more than {max_headers} headers")),
+        false => Ok(()),
+    }
+}
+
+/// Makes `edits` on `headers`, in order, for a caller that has bounded the count already
+/// ([`most_added`]).
+pub fn make(edits: &[FixedEdit], headers: &mut HeaderMap) {
     for edit in edits {
         match edit {
             FixedEdit::Set(name, value) => {
@@ -95,8 +108,96 @@ pub fn apply(edits: &[FixedEdit], headers: &mut HeaderMap, max_headers: u32) -> 
             }
         }
     }
-    match headers.len() > max_headers as usize {
-        true => Err(format!("more than {max_headers} headers")),
-        false => Ok(()),
+}
+
+/// Makes `edits` on a response head passed through as bytes, as [`make`] would on its map.
+/// The lines keep the upstream's order; a set field's line goes last.
+pub fn make_raw(edits: &[FixedEdit], raw: &mut RawFields) {
+    for edit in edits {
+        let name = match edit {
+            FixedEdit::Set(name, value) => {
+                raw.remove(name);
+                raw.push(name, value);
+                name
+            }
+            FixedEdit::Add(name, value) => {
+                raw.push(name, value);
+                name
+            }
+            FixedEdit::Remove(name) => {
+                raw.remove(name);
+                name
+            }
+        };
+        if name == DATE {
+            // The server side adds a `Date` to a head without one.
+            raw.dated = !matches!(edit, FixedEdit::Remove(_));
+        }
+    }
+}
+
+/// The most headers `edits` can add: one for each set or add (a set that replaces a value, or
+/// a remove, adds none). With it the caller can tell that no cap can be passed before making
+/// any edit.
+pub fn most_added(edits: &[FixedEdit]) -> usize {
+    edits
+        .iter()
+        .filter(|edit| !matches!(edit, FixedEdit::Remove(_)))
+        .count()
+}
+
+/// Whether one of `edits` names a header `matches` picks.
+pub fn names_any(edits: &[FixedEdit], matches: impl Fn(&HeaderName) -> bool) -> bool {
+    edits.iter().any(|edit| match edit {
+        FixedEdit::Set(name, _) | FixedEdit::Add(name, _) | FixedEdit::Remove(name) => {
+            matches(name)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(lines: &str) -> RawFields {
+        RawFields {
+            lines: lines.as_bytes().to_vec(),
+            length: None,
+            dated: lines.to_ascii_lowercase().contains("date:"),
+        }
+    }
+
+    /// Made on the bytes of a head, edits leave what they would leave in its map.
+    #[test]
+    fn edits_on_raw_fields_match_edits_on_a_map() {
+        let name = HeaderName::from_static;
+        let value = HeaderValue::from_static;
+        let edits = [
+            FixedEdit::Set(name("x-upstream"), value("replaced")),
+            FixedEdit::Add(name("x-list"), value("b")),
+            FixedEdit::Remove(name("x-version")),
+            FixedEdit::Remove(name("date")),
+        ];
+        let upstream = "X-Upstream: main\r\nx-list: a\r\nX-Version: HTTP/1.1\r\n\
+                        Date: Mon, 30 Nov 2026 12:00:00 GMT\r\nX-Upstream: again\r\n";
+        let mut bytes = raw(upstream);
+        make_raw(&edits, &mut bytes);
+        assert!(!bytes.dated, "the server side dates the response itself");
+        let mut from_bytes = HeaderMap::new();
+        bytes.into_map(&mut from_bytes);
+
+        let mut map = HeaderMap::new();
+        raw(upstream).into_map(&mut map);
+        make(&edits, &mut map);
+        assert_eq!(from_bytes, map);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["x-upstream"], "replaced");
+        assert_eq!(most_added(&edits), 2);
+        assert!(names_any(&edits, |n| n == "x-version"));
+        assert!(!names_any(&edits, |n| n == "x-absent"));
+
+        let mut dated = raw("x: 1\r\n");
+        make_raw(&[FixedEdit::Set(name("date"), value("today"))], &mut dated);
+        assert!(dated.dated);
     }
 }
