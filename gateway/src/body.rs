@@ -110,6 +110,18 @@ pub fn streamed_until(stream: impl Into<Stream>, deadline: tokio::time::Instant)
     ProxyBody::Timed(stream.into(), Box::pin(tokio::time::sleep_until(deadline)))
 }
 
+impl ProxyBody {
+    /// Where the upstream head's fields are kept as bytes ([`crate::h1::RawFields`]), for a
+    /// body of wasmgate's own client asked for them: taken out while a chain's response phase
+    /// runs (`Exchange::response_raw`), put back for the server side to write.
+    pub fn raw_fields(&mut self) -> Option<&mut Option<Box<crate::h1::RawFields>>> {
+        match self {
+            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.raw_fields(),
+            ProxyBody::Full(_) => None,
+        }
+    }
+}
+
 /// The deadline of a [`ProxyBody::Timed`] passed.
 #[derive(Debug, thiserror::Error)]
 #[error("the body did not end before the request deadline")]
@@ -265,10 +277,7 @@ impl TrackedBody {
     }
 
     fn raw_fields(&mut self) -> Option<&mut Option<Box<crate::h1::RawFields>>> {
-        match &mut self.inner {
-            ProxyBody::Streamed(stream) | ProxyBody::Timed(stream, _) => stream.raw_fields(),
-            ProxyBody::Full(_) => None,
-        }
+        self.inner.raw_fields()
     }
 
     /// A body that runs `on_end` when it has ended.

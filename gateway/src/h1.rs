@@ -594,6 +594,10 @@ fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Head>, Erro
         let mut hop_by_hop = 0u128;
         let mut extra_lengths = 0u128;
         let mut lengths = 0u128;
+        // The upstream's own `X-Request-Id`: the gateway names the request in every response
+        // itself, and adds its line to the bytes of a head passed through (which would then
+        // hold two).
+        let mut request_ids = 0u128;
         let mut dated = false;
         for (index, (span, header)) in spans.iter_mut().zip(response.headers.iter()).enumerate() {
             let offset = |at: *const u8, len: usize| {
@@ -605,6 +609,9 @@ fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Head>, Erro
             *span = (name_start, name_end, value_start, value_end);
             if is_hop_by_hop(header.name) {
                 hop_by_hop |= 1 << index;
+            }
+            if header.name.len() == 12 && header.name.eq_ignore_ascii_case("x-request-id") {
+                request_ids |= 1 << index;
             }
             if header.name.eq_ignore_ascii_case("content-length") {
                 let value = parse_length(header.value)
@@ -640,7 +647,7 @@ fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Head>, Erro
             extra_lengths |= lengths;
         }
         // With fields named in `Connection`, it stays for `strip_hop_by_hop` to read.
-        let skip = extra_lengths | if names_fields { 0 } else { hop_by_hop };
+        let skip = extra_lengths | request_ids | if names_fields { 0 } else { hop_by_hop };
         let head = buf.split_to(len).freeze();
         let spans = &spans[..count];
         let (headers, raw) = if reading.raw_fields && !names_fields {
@@ -1099,9 +1106,10 @@ mod tests {
 
     #[test]
     fn raw_fields_are_the_lines_the_map_holds_as_they_came() {
+        // The upstream's own request id is left out too: the gateway adds its own.
         let text = "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Mon, 30 Nov 2026 12:00:00 GMT\r\n\
                     Connection: keep-alive\r\nContent-Length: 2\r\ncontent-length: 2\r\n\
-                    X-Value:  spaced out \r\n\r\nok";
+                    X-Request-Id: theirs\r\nX-Value:  spaced out \r\n\r\nok";
         let raw_reading = Reading {
             head_only: false,
             raw_fields: true,

@@ -30,6 +30,7 @@ use crate::body::{
     UpstreamBody, full, streamed, streamed_until,
 };
 use crate::forwarded::ClientAddr;
+use crate::h1::RawFields;
 use crate::manifest::FailurePolicy;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::router::RouteMatch;
@@ -129,6 +130,7 @@ pub async fn handle(
             body,
             upgrade,
             received,
+            raw_heads: peer.raw_heads,
         };
         // Boxed: a chain's future holds the plugin calls' futures and is several kilobytes
         // more; inline, it would make every request's future that big.
@@ -237,6 +239,8 @@ struct ClientRequest {
     body: RequestBody,
     upgrade: Option<Upgrade>,
     received: Instant,
+    /// [`Peer::raw_heads`].
+    raw_heads: bool,
 }
 
 async fn run_chain(
@@ -250,6 +254,7 @@ async fn run_chain(
         body,
         upgrade,
         received,
+        raw_heads,
     } = request;
     let mut body = Some(body);
     if route.buffer_body {
@@ -370,7 +375,9 @@ async fn run_chain(
                     let outgoing =
                         Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
                     let sent = Instant::now();
-                    let response = forward(route, outgoing, upgrade, ids, false).await;
+                    // The upstream's fields may come as bytes: the response phase reads and edits
+                    // them through `Exchange::response_mut`, which maps them only then.
+                    let response = forward(route, outgoing, upgrade, ids, raw_heads).await;
                     exchange
                         .properties
                         .insert(UPSTREAM_MS, millis(sent.elapsed()));
@@ -390,6 +397,7 @@ async fn run_chain(
     // completion phase are kept, in that order, for when the body has been sent.
     let (parts, mut response_body) = response.into_parts();
     exchange.response = Some(parts);
+    exchange.response_raw = response_body.raw_fields().and_then(Option::take);
     let mut completing: Vec<(Arc<ChainLink>, Option<Lease>)> = Vec::new();
     for (link, lease) in ran.into_iter().rev() {
         if !link.phases.response {
@@ -404,14 +412,22 @@ async fn run_chain(
         let outcome = match (&link.fixed.response, lease) {
             // Made here, in the plugin's place, instead of calling it (contract 0.2.4).
             (Some(edits), lease) => {
-                let headers = &mut exchange
-                    .response
-                    .as_mut()
-                    .expect("the response is in the exchange")
-                    .headers;
-                fixed::apply(edits, headers, link.plugin.budget().headers)
-                    .map(|()| lease)
-                    .map_err(fixed_failure(Phase::Response))
+                let cap = link.plugin.budget().headers;
+                let count = exchange.response_header_count() + fixed::most_added(edits);
+                let made = match exchange.response_raw.as_deref_mut() {
+                    // Made on the bytes when no count can pass the cap.
+                    Some(raw) if count <= cap as usize => {
+                        fixed::make_raw(edits, raw);
+                        Ok(())
+                    }
+                    _ => {
+                        let response = exchange
+                            .response_mut()
+                            .expect("the response is in the exchange");
+                        fixed::apply(edits, &mut response.headers, cap)
+                    }
+                };
+                made.map(|()| lease).map_err(fixed_failure(Phase::Response))
             }
             (None, lease) => match link.keep_or_acquire(lease).await {
                 Ok(mut instance) => {
@@ -434,6 +450,7 @@ async fn run_chain(
                     // The upstream's body is dropped with its response head.
                     let (parts, body) = replacement.into_parts();
                     exchange.response = Some(parts);
+                    exchange.response_raw = None;
                     response_body = body;
                     break;
                 }
@@ -449,7 +466,15 @@ async fn run_chain(
         .response
         .take()
         .expect("the response stays in the exchange");
+    // Fields no plugin mapped go back to the body, for the server side to write as they are.
+    let raw = exchange.response_raw.take();
+    let give_back = |body: &mut ProxyBody, raw: Option<Box<RawFields>>| {
+        if let (Some(slot), Some(raw)) = (body.raw_fields(), raw) {
+            *slot = Some(raw);
+        }
+    };
     if completing.is_empty() {
+        give_back(&mut response_body, raw);
         return Response::from_parts(parts, response_body.into());
     }
     // The head goes to the client; the completion phase reads a copy.
@@ -458,6 +483,8 @@ async fn run_chain(
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
     exchange.response = Some(copy);
+    exchange.response_raw = raw.clone();
+    give_back(&mut response_body, raw);
     let route_name = route.name.clone();
     let runtime = tokio::runtime::Handle::current();
     // Tracked, so that a graceful shutdown waits for the completion phase (an access log line).
@@ -710,6 +737,7 @@ impl RequestEdits {
 struct ResponseEdits {
     status: StatusCode,
     headers: HeaderMap,
+    raw: Option<Box<RawFields>>,
     properties: Properties,
 }
 
@@ -722,6 +750,7 @@ impl ResponseEdits {
         ResponseEdits {
             status: response.status,
             headers: response.headers.clone(),
+            raw: exchange.response_raw.clone(),
             properties: exchange.properties.clone(),
         }
     }
@@ -733,6 +762,7 @@ impl ResponseEdits {
             .expect("the response phase has a response");
         response.status = self.status;
         response.headers = self.headers;
+        exchange.response_raw = self.raw;
         exchange.properties = self.properties;
     }
 }

@@ -4,7 +4,7 @@
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
-use wasmgate_tests::{CliGateway, TestGateway, TestUpstream};
+use wasmgate_tests::{CliGateway, ScriptedUpstream, Step, TestGateway, TestUpstream};
 
 /// `printf %s k-alice | sha256sum`
 const ALICE_KEY_SHA256: &str = "8fab151ebfe45da0ce0c2a951f8bba063f8668389b08a793acf59f301a6dbd57";
@@ -277,6 +277,62 @@ async fn a_chain_of_fixed_edits_only_makes_them_as_the_chain_would() {
         assert!(!response.headers.contains_key("x-version"));
         assert_eq!(response.header("x-list"), "b");
         assert!(!response.header("x-request-id").is_empty());
+    }
+}
+
+/// In a chain with called phases the upstream's response fields stay as it sent them until a
+/// plugin reads or edits them: fixed edits are made on them as they are, a plugin called after
+/// sees those edits, and fields nobody touched reach the client unchanged.
+#[tokio::test]
+async fn response_fields_are_mapped_only_for_the_plugin_that_reads_them() {
+    let upstream = TestUpstream::start("main").await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: renamed, match: {{ prefix: /renamed }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ rename: {{ x-from-fixed: x-renamed }} }} }} }}, {{ name: rewrite, config: {{ response: {{ remove: [x-version], set: {{ x-from-fixed: made }} }} }} }}] }}\n  - {{ name: untouched, match: {{ prefix: /untouched }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&text).await;
+    for _ in 0..2 {
+        let response = gateway.get("localhost", "/renamed").await;
+        assert_eq!(response.status, StatusCode::OK);
+        // Made on the bytes, then read by the plugin called after it.
+        assert_eq!(response.header("x-renamed"), "made");
+        assert!(!response.headers.contains_key("x-from-fixed"));
+        assert!(!response.headers.contains_key("x-version"));
+        assert_eq!(response.header("x-upstream"), "main");
+        assert!(!response.header("x-request-id").is_empty());
+
+        let response = gateway.get("localhost", "/untouched").await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(upstream.last().headers["x-route"], "untouched");
+        assert_eq!(response.header("x-upstream"), "main");
+        assert_eq!(response.header("x-version"), "HTTP/1.1");
+        assert_eq!(response.headers.get_all("x-upstream").iter().count(), 1);
+        assert!(!response.header("x-request-id").is_empty());
+    }
+}
+
+/// The gateway names the request in every response: an upstream's own `X-Request-Id` is
+/// replaced, not sent beside it, whether the head passes through as bytes or is mapped.
+#[tokio::test]
+async fn the_upstreams_request_id_is_replaced_on_every_kind_of_route() {
+    let upstream = ScriptedUpstream::start(vec![Step::Write(
+        b"HTTP/1.1 200 OK\r\nX-Request-Id: theirs\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
+            .to_vec(),
+    )])
+    .await;
+    let text = format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: bare, match: {{ prefix: /bare }}, upstream: main }}\n  - {{ name: fixed, match: {{ prefix: /fixed }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ set: {{ x-fixed: \"1\" }} }} }} }}] }}\n  - {{ name: called, match: {{ prefix: /called }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n  - {{ name: mapped, match: {{ prefix: /mapped }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n",
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&text).await;
+    for path in ["/bare", "/fixed", "/called", "/mapped"] {
+        let response = gateway.get("localhost", path).await;
+        assert_eq!(response.status, StatusCode::OK, "{path}");
+        let ids: Vec<_> = response.headers.get_all("x-request-id").iter().collect();
+        assert_eq!(ids.len(), 1, "{path}: {ids:?}");
+        assert_ne!(ids[0], "theirs", "{path}");
+        assert_eq!(response.header("x-kept"), "1", "{path}");
+        assert_eq!(response.text(), "ok", "{path}");
     }
 }
 

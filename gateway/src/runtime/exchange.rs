@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
 use crate::forwarded::ClientAddr;
+use crate::h1::RawFields;
 
 /// Which phase a plugin call belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +45,13 @@ pub struct Exchange {
     pub request: http::request::Parts,
     /// The buffered request body, when the route has a plugin that reads bodies.
     pub body: Option<Bytes>,
-    /// Status and headers of the response, once there is one.
+    /// Status and headers of the response, once there is one. Read and edited through
+    /// [`Exchange::response_mut`], which first moves in the fields still held as bytes.
     pub response: Option<http::response::Parts>,
+    /// The response's fields as the upstream sent them ([`RawFields`]), while no plugin has
+    /// read or edited them: `response`'s map then holds none. Most chains never read the
+    /// response's headers, and a map of them costs building and writing out again.
+    pub response_raw: Option<Box<RawFields>>,
     /// Properties shared along the chain.
     pub properties: Properties,
     /// The client's address.
@@ -70,12 +76,28 @@ impl Exchange {
             request,
             body: None,
             response: None,
+            response_raw: None,
             properties: Properties::with_capacity(8),
             client,
             route,
             request_id,
             trace_id: Box::default(),
         }
+    }
+
+    /// The response, its fields all in the map: those still held as bytes are moved in first.
+    pub fn response_mut(&mut self) -> Option<&mut http::response::Parts> {
+        let response = self.response.as_mut()?;
+        if let Some(raw) = self.response_raw.take() {
+            raw.into_map(&mut response.headers);
+        }
+        Some(response)
+    }
+
+    /// How many response headers there are, those held as bytes included.
+    pub fn response_header_count(&self) -> usize {
+        let mapped = self.response.as_ref().map_or(0, |r| r.headers.len());
+        mapped + self.response_raw.as_ref().map_or(0, |raw| raw.count())
     }
 
     /// The request id as text, for logs.

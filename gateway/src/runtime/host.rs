@@ -116,7 +116,7 @@ impl PluginState {
     }
 
     fn response_parts(&mut self) -> Result<&mut http::response::Parts> {
-        self.exchange()?.response.as_mut().ok_or_else(|| {
+        self.exchange()?.response_mut().ok_or_else(|| {
             wasmtime::format_err!("the response is only available in the response phase")
         })
     }

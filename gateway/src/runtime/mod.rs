@@ -1238,7 +1238,11 @@ impl PluginInstance {
     /// (taken out for the call, and put back after it); `None` when the plugin names none.
     fn take_values(&mut self, phase: Phase) -> Option<Vec<u8>> {
         let reads = self.reads.as_ref()?;
-        let exchange = self.store.data().exchange.as_deref()?;
+        let exchange = self.store.data_mut().exchange.as_deref_mut()?;
+        if reads.reads_response_headers() {
+            // Their values are looked up in the map.
+            exchange.response_mut();
+        }
         let mut values = std::mem::take(&mut self.values);
         reads.encode(exchange, phase, &mut values);
         Some(values)

@@ -81,6 +81,11 @@ impl ReadSet {
         }))
     }
 
+    /// Whether the plugin names response headers (looked up in the response's map).
+    pub fn reads_response_headers(&self) -> bool {
+        !self.response_headers.is_empty()
+    }
+
     /// Writes the values for a call in `phase` into `out` (cleared first), laid out as the
     /// contract's `handler-with-values` says.
     pub fn encode(&self, exchange: &Exchange, phase: Phase, out: &mut Vec<u8>) {
