@@ -121,30 +121,37 @@ impl RawFields {
 
     /// How many field lines there are (a value never holds a line feed: the parser refused it).
     pub fn count(&self) -> usize {
-        self.lines.iter().filter(|&&b| b == b'\n').count()
+        memchr::memchr_iter(b'\n', &self.lines).count()
     }
 
     /// Removes the lines of the field `name` (never a framing field: the caller's edits were
-    /// checked for that), in place.
+    /// checked for that). Most often there is none, and nothing is moved.
     pub fn remove(&mut self, name: &HeaderName) {
         let name = name.as_str().as_bytes();
-        let (mut kept, mut at) = (0, 0);
-        while at < self.lines.len() {
-            let end = self.lines[at..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(self.lines.len(), |newline| at + newline + 1);
-            let line = &self.lines[at..end];
-            let named = line.len() > name.len()
+        let named = |line: &[u8]| {
+            line.len() > name.len()
                 && line[name.len()] == b':'
-                && line[..name.len()].eq_ignore_ascii_case(name);
-            if !named {
-                self.lines.copy_within(at..end, kept);
-                kept += end - at;
+                && line[..name.len()].eq_ignore_ascii_case(name)
+        };
+        let mut start = 0;
+        let mut first = None;
+        for newline in memchr::memchr_iter(b'\n', &self.lines) {
+            if named(&self.lines[start..newline]) {
+                first = Some(start);
+                break;
             }
-            at = end;
+            start = newline + 1;
         }
-        self.lines.truncate(kept);
+        let Some(first) = first else {
+            return;
+        };
+        // The lines from the first one removed are written again without those named.
+        let rest = self.lines.split_off(first);
+        for line in rest.split_inclusive(|&b| b == b'\n') {
+            if !named(line) {
+                self.lines.extend_from_slice(line);
+            }
+        }
     }
 
     /// The fields as a map, appended to `headers` (for edits that must be made on one).
