@@ -85,7 +85,8 @@ pub struct ChainLink {
     /// gateway makes the edits in the plugin's place.
     pub fixed: FixedEdits,
     /// The plugin pre-initialised with this configuration, for a fresh instance per request
-    /// without `configure` (`isolation: per-request`; made in the background after the load).
+    /// without `configure` (`isolation: per-request`, when a phase of it is called; made in
+    /// the background after the load).
     pub preinit: Option<Arc<PreinitSlot>>,
     /// The next request's fresh instance, made after a response (a per-request use whose
     /// request or response phase is called: what a completion phase takes is made after the
@@ -363,9 +364,14 @@ impl Snapshot {
                         ..here()
                     }),
                 }
-                // Per-request uses get an image, made after the load (`preinitialize`); a
-                // config the plugin refused gets none (the load fails anyway).
-                let preinit = match (configured, &pool, session.source(plugin)) {
+                // Only for a phase that is called: fixed edits need no instance.
+                let called = (phases.request && fixed.request.is_none())
+                    || (phases.response && fixed.response.is_none());
+                // Per-request uses get an image, made after the load (`preinitialize`), unless
+                // no request ever takes an instance of them; a config the plugin refused gets
+                // none (the load fails anyway).
+                let takes_instances = called || phases.complete;
+                let preinit = match (configured && takes_instances, &pool, session.source(plugin)) {
                     (true, None, Some(bytes)) => {
                         let (slot, job) = runtime.preinit_slot(plugin, &config, bytes, &route.name);
                         preinit_jobs.extend(job);
@@ -373,9 +379,6 @@ impl Snapshot {
                     }
                     _ => None,
                 };
-                // Only for a phase that is called: fixed edits need no instance.
-                let called = (phases.request && fixed.request.is_none())
-                    || (phases.response && fixed.response.is_none());
                 let ahead = (preinit.is_some() && called).then(|| runtime.ahead());
                 chain.push(Arc::new(ChainLink {
                     plugin: plugin.clone(),

@@ -245,6 +245,8 @@ async fn a_chain_of_fixed_edits_only_makes_them_as_the_chain_would() {
         upstream.url()
     );
     let gateway = TestGateway::start(&text).await;
+    // `second` is per request, but no request ever takes an instance of it: no image is made.
+    assert_eq!(gateway.preinitialized().await, 0);
     for _ in 0..2 {
         let request = Request::get("/a")
             .header("x-drop", "gone")
