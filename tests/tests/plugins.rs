@@ -190,9 +190,11 @@ async fn plain_api_keys_are_refused_at_load() {
 #[tokio::test]
 async fn an_auth_plugin_without_a_request_phase_is_refused_at_load() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  hollow: {{ source: \"{{plugins}}/hollow_auth_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: guarded, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: hollow }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  hollow: { source: \"{plugins}/hollow_auth_plugin.wasm\" }\n",
+        "  - { name: guarded, match: { prefix: / }, upstream: main, plugins: [{ name: hollow }] }\n",
     );
     let err = load_error(&text).await;
     assert!(
@@ -208,9 +210,11 @@ async fn an_auth_plugin_without_a_request_phase_is_refused_at_load() {
 #[tokio::test]
 async fn fixed_edits_are_made_at_the_plugins_place_in_the_chain() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  fixed: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\n  echo: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: ordered, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: echo, config: {{ response: {{ set: {{ x-echo: \"{{header.x-order}}\" }} }} }} }}, {{ name: fixed, config: {{ request: {{ remove: [x-drop], set: {{ x-order: first }}, add: {{ x-list: b }} }}, response: {{ set: {{ x-fixed: made }} }} }} }}, {{ name: echo, config: {{ request: {{ set: {{ x-seen: \"{{header.x-order}}\" }} }} }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  fixed: { source: \"{plugins}/header_rewrite.wasm\" }\n  echo: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        "  - { name: ordered, match: { prefix: / }, upstream: main, plugins: [{ name: echo, config: { response: { set: { x-echo: \"{header.x-order}\" } } } }, { name: fixed, config: { request: { remove: [x-drop], set: { x-order: first }, add: { x-list: b } }, response: { set: { x-fixed: made } } } }, { name: echo, config: { request: { set: { x-seen: \"{header.x-order}\" } } } }] }\n",
     );
     let gateway = TestGateway::start(&text).await;
     let request = Request::get("/a")
@@ -240,9 +244,11 @@ async fn fixed_edits_are_made_at_the_plugins_place_in_the_chain() {
 #[tokio::test]
 async fn a_chain_of_fixed_edits_only_makes_them_as_the_chain_would() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  first: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\n  second: {{ source: \"{{plugins}}/header_rewrite.wasm\", isolation: per-request }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: fixed, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: first, config: {{ request: {{ remove: [x-drop], set: {{ x-order: first }}, add: {{ x-list: b }} }}, response: {{ remove: [x-version], set: {{ x-upstream: replaced, x-order: first }} }} }} }}, {{ name: second, config: {{ request: {{ remove: [x-forwarded-host], set: {{ x-order: second }} }}, response: {{ set: {{ x-order: second }}, add: {{ x-list: b }} }} }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  first: { source: \"{plugins}/header_rewrite.wasm\" }\n  second: { source: \"{plugins}/header_rewrite.wasm\", isolation: per-request }\n",
+        "  - { name: fixed, match: { prefix: / }, upstream: main, plugins: [{ name: first, config: { request: { remove: [x-drop], set: { x-order: first }, add: { x-list: b } }, response: { remove: [x-version], set: { x-upstream: replaced, x-order: first } } } }, { name: second, config: { request: { remove: [x-forwarded-host], set: { x-order: second } }, response: { set: { x-order: second }, add: { x-list: b } } } }] }\n",
     );
     let gateway = TestGateway::start(&text).await;
     // `second` is per request, but no request ever takes an instance of it: no image is made.
@@ -288,9 +294,11 @@ async fn a_chain_of_fixed_edits_only_makes_them_as_the_chain_would() {
 #[tokio::test]
 async fn response_fields_are_mapped_only_for_the_plugin_that_reads_them() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: renamed, match: {{ prefix: /renamed }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ rename: {{ x-from-fixed: x-renamed }} }} }} }}, {{ name: rewrite, config: {{ response: {{ remove: [x-version], set: {{ x-from-fixed: made }} }} }} }}] }}\n  - {{ name: untouched, match: {{ prefix: /untouched }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        "  - { name: renamed, match: { prefix: /renamed }, upstream: main, plugins: [{ name: rewrite, config: { response: { rename: { x-from-fixed: x-renamed } } } }, { name: rewrite, config: { response: { remove: [x-version], set: { x-from-fixed: made } } } }] }\n  - { name: untouched, match: { prefix: /untouched }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { x-route: \"{route}\" } } } }] }\n",
     );
     let gateway = TestGateway::start(&text).await;
     for _ in 0..2 {
@@ -322,9 +330,11 @@ async fn the_upstreams_request_id_is_replaced_on_every_kind_of_route() {
             .to_vec(),
     )])
     .await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: bare, match: {{ prefix: /bare }}, upstream: main }}\n  - {{ name: fixed, match: {{ prefix: /fixed }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ set: {{ x-fixed: \"1\" }} }} }} }}] }}\n  - {{ name: called, match: {{ prefix: /called }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n  - {{ name: mapped, match: {{ prefix: /mapped }}, upstream: main, plugins: [{{ name: rewrite, config: {{ response: {{ set: {{ x-route: \"{{route}}\" }} }} }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        "  - { name: bare, match: { prefix: /bare }, upstream: main }\n  - { name: fixed, match: { prefix: /fixed }, upstream: main, plugins: [{ name: rewrite, config: { response: { set: { x-fixed: \"1\" } } } }] }\n  - { name: called, match: { prefix: /called }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { x-route: \"{route}\" } } } }] }\n  - { name: mapped, match: { prefix: /mapped }, upstream: main, plugins: [{ name: rewrite, config: { response: { set: { x-route: \"{route}\" } } } }] }\n",
     );
     let gateway = TestGateway::start(&text).await;
     for path in ["/bare", "/fixed", "/called", "/mapped"] {
@@ -350,13 +360,18 @@ async fn fixed_edits_past_the_header_cap_follow_the_failure_policy() {
             "  - {{ name: {name}, match: {{ prefix: /{name} }}, upstream: main, plugins: [{{ name: rewrite, config: {{ {phase}: {{ add: {many} }} }}, on_failure: {policy} }}] }}\n"
         )
     };
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nlimits: {{ plugin_headers: 9 }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n{}{}{}{}  - {{ name: few, match: {{ prefix: /few }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ add: {{ x-one: \"1\" }} }}, response: {{ add: {{ x-one: \"1\" }} }} }} }}] }}\n",
-        upstream.url(),
+    let routes = [
         route("request-closed", "request", "fail-closed"),
         route("request-open", "request", "fail-open"),
         route("response-closed", "response", "fail-closed"),
         route("response-open", "response", "fail-open"),
+        "  - { name: few, match: { prefix: /few }, upstream: main, plugins: [{ name: rewrite, config: { request: { add: { x-one: \"1\" } }, response: { add: { x-one: \"1\" } } } }] }\n".into(),
+    ];
+    let text = small_manifest(
+        &upstream.url(),
+        "limits: { plugin_headers: 9 }\n",
+        "  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        &routes.concat(),
     );
     let gateway = TestGateway::start(&text).await;
     let get = |path: &'static str| {
@@ -410,9 +425,11 @@ async fn fixed_edits_past_the_header_cap_follow_the_failure_policy() {
 #[tokio::test]
 async fn a_fixed_edit_the_gateway_refuses_fails_the_load() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  rewrite: {{ source: \"{{plugins}}/header_rewrite.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: framed, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: rewrite, config: {{ request: {{ set: {{ content-length: \"5\" }} }} }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        "  - { name: framed, match: { prefix: / }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { content-length: \"5\" } } } }] }\n",
     );
     let err = load_error(&text).await;
     assert!(
@@ -427,15 +444,26 @@ async fn a_fixed_edit_the_gateway_refuses_fails_the_load() {
 #[tokio::test]
 async fn an_auth_plugin_with_a_fixed_request_phase_is_refused_at_load() {
     let upstream = TestUpstream::start("main").await;
-    let text = format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\nplugins:\n  deny: {{ source: \"{{plugins}}/deny_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: guarded, match: {{ prefix: / }}, upstream: main, plugins: [{{ name: deny, config: {{ fixed: true }} }}] }}\n",
-        upstream.url()
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  deny: { source: \"{plugins}/deny_plugin.wasm\" }\n",
+        "  - { name: guarded, match: { prefix: / }, upstream: main, plugins: [{ name: deny, config: { fixed: true } }] }\n",
     );
     let err = load_error(&text).await;
     assert!(
         err.contains("route `guarded`: plugin `deny`:") && err.contains("fixes its request phase"),
         "{err}"
     );
+}
+
+/// A manifest with one public listener and one upstream, `main`, at `upstream` (a URL): `extra`
+/// top-level lines (limits and the like), then the `plugins` and `routes` entries as given, each
+/// line ending in a newline.
+fn small_manifest(upstream: &str, extra: &str, plugins: &str, routes: &str) -> String {
+    format!(
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nreload: {{ watch: false }}\n{extra}plugins:\n{plugins}upstreams:\n  main: {{ targets: [{{ url: \"{upstream}\" }}] }}\nroutes:\n{routes}"
+    )
 }
 
 /// Why the gateway refuses to start with `manifest`; fails the test if it starts.
