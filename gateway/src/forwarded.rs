@@ -34,6 +34,13 @@ pub fn is_forwarding(name: &HeaderName) -> bool {
     FORWARDING.contains(&name)
 }
 
+/// Whether `name`, in any case, names one of the forwarding headers this module writes.
+pub fn is_forwarding_name(name: &str) -> bool {
+    FORWARDING
+        .iter()
+        .any(|known| known.as_str().eq_ignore_ascii_case(name))
+}
+
 /// The networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
@@ -115,8 +122,8 @@ pub fn apply(
     proto: &'static str,
     trusted: &TrustedProxies,
 ) {
-    if let Some(fields) = prepare(headers, uri, client, proto, trusted) {
-        fields.insert_into(headers);
+    if let Some(pending) = prepare(headers, uri, client, proto, trusted) {
+        pending.fields(client).insert_into(headers);
     }
 }
 
@@ -124,14 +131,15 @@ pub fn apply(
 /// carried (the usual case: it carried none, or not from a trusted proxy): then the four to add
 /// are returned rather than inserted, for whoever sends the request to write. wasmgate's own
 /// client writes them straight into the request it sends ([`Fields::write_lines`]), which costs
-/// a route without plugins four map insertions and the `Forwarded` value's own allocation.
-pub fn prepare<'a>(
+/// a route without plugins four map insertions and the `Forwarded` value's own allocation; a
+/// chain inserts them only when a plugin reads or edits one of them.
+pub fn prepare(
     headers: &mut HeaderMap,
     uri: &Uri,
-    client: &'a ClientAddr,
+    client: &ClientAddr,
     proto: &'static str,
     trusted: &TrustedProxies,
-) -> Option<Fields<'a>> {
+) -> Option<Pending> {
     // Which of the four the request carries, found in one pass over its names instead of a
     // hashed lookup for each (this runs for every request, and most carry none of them).
     let mut present = 0u8;
@@ -153,13 +161,9 @@ pub fn prepare<'a>(
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let fields = Fields {
-        client,
-        proto,
-        host,
-    };
+    let pending = Pending { proto, host };
     if present == 0 {
-        return Some(fields);
+        return Some(pending);
     }
     // A trusted proxy's headers: extended (or, where one is missing, added) here.
     let carries = |index: usize| present & 1 << index != 0;
@@ -172,11 +176,11 @@ pub fn prepare<'a>(
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if !carries(XFH)
-        && let Some(host) = &fields.host
+        && let Some(host) = &pending.host
     {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    let element = fields.element();
+    let element = pending.fields(client).element();
     if carries(RFC_7239) {
         append(headers, &FORWARDED, element.as_bytes(), ", ");
     } else if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(element)) {
@@ -185,13 +189,38 @@ pub fn prepare<'a>(
     None
 }
 
+/// The four forwarding headers of a request that kept none of its own, but for the client
+/// they name (its connection's [`ClientAddr`]): held until they are written or inserted.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    proto: &'static str,
+    /// The host the client asked for, when it named one.
+    host: Option<HeaderValue>,
+}
+
+impl Pending {
+    /// How many headers they are.
+    pub fn count(&self) -> usize {
+        3 + usize::from(self.host.is_some())
+    }
+
+    /// The headers, naming `client`.
+    pub fn fields<'a>(&'a self, client: &'a ClientAddr) -> Fields<'a> {
+        Fields {
+            client,
+            proto: self.proto,
+            host: self.host.as_ref(),
+        }
+    }
+}
+
 /// The four forwarding headers of a request that kept none of its own.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Fields<'a> {
     client: &'a ClientAddr,
     proto: &'static str,
     /// The host the client asked for, when it named one.
-    host: Option<HeaderValue>,
+    host: Option<&'a HeaderValue>,
 }
 
 impl Fields<'_> {
@@ -207,7 +236,7 @@ impl Fields<'_> {
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(self.proto),
         );
-        if let Some(host) = &self.host {
+        if let Some(host) = self.host {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
         if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(self.element())) {
@@ -228,7 +257,7 @@ impl Fields<'_> {
         };
         line(&X_FORWARDED_FOR, &[self.client.listed.as_bytes()]);
         line(&X_FORWARDED_PROTO, &[self.proto.as_bytes()]);
-        if let Some(host) = &self.host {
+        if let Some(host) = self.host {
             line(&X_FORWARDED_HOST, &[host.as_bytes()]);
         }
         line(&FORWARDED, &self.element_parts().map(str::as_bytes));
@@ -239,7 +268,7 @@ impl Fields<'_> {
     /// not; all four pieces empty without a host) and `proto`.
     fn element_parts(&self) -> [&str; 7] {
         let node = &*self.client.node;
-        match self.host.as_ref().and_then(|h| h.to_str().ok()) {
+        match self.host.and_then(|h| h.to_str().ok()) {
             Some(host) => {
                 let quote = if host.bytes().all(is_token_byte) {
                     ""
@@ -332,7 +361,7 @@ mod tests {
             let mut headers = request(&host.map(|h| vec![("host", h)]).unwrap_or_default());
             let peer = ClientAddr::new(client.parse().unwrap());
             let trusted = TrustedProxies::default();
-            let fields = prepare(
+            let pending = prepare(
                 &mut headers,
                 &Uri::from_static("/x"),
                 &peer,
@@ -340,6 +369,7 @@ mod tests {
                 &trusted,
             )
             .expect("nothing to keep: the fields are handed back");
+            let fields = pending.fields(&peer);
             assert_eq!(
                 headers.len(),
                 usize::from(host.is_some()),

@@ -88,8 +88,8 @@ pub struct Request<'a> {
     /// The header fields; framing fields (`Content-Length`, `Transfer-Encoding`) are written by
     /// the client from the body.
     pub headers: std::borrow::Cow<'a, HeaderMap>,
-    /// Forwarding headers to write after `headers` (a route without plugins adds them here
-    /// rather than to the map: [`crate::forwarded::prepare`]).
+    /// Forwarding headers to write after `headers` (added here rather than to the map when no
+    /// plugin reads or edits them: [`crate::forwarded::prepare`]).
     pub forwarded: Option<&'a crate::forwarded::Fields<'a>>,
     /// The whole body, at most [`MAX_BODY`] bytes.
     pub body: Bytes,

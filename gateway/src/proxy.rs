@@ -88,7 +88,8 @@ pub async fn handle(
     // A chain of fixed edits only is made on the way, without the chain's bookkeeping, when
     // no edit can meet a plugin's header cap.
     let bare = route.chain.is_empty()
-        || route.fixed_only && fixed_request(route, &mut parts.headers, &mut forwarding);
+        || route.fixed_only
+            && fixed_request(route, &mut parts.headers, &mut forwarding, &peer.client);
     let response = if bare {
         let limit = snapshot.http.max_request_body.0;
         let response = match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
@@ -101,7 +102,7 @@ pub async fn handle(
                     body,
                 );
                 // No plugin reads the request: its forwarding headers are written as it is sent.
-                outgoing.forwarding = forwarding;
+                outgoing.forwarding = forwarding.as_ref().map(|f| f.fields(&peer.client));
                 // No plugin reads the response: its head may pass through as it came.
                 forward(route, outgoing, upgrade, &ids, peer.raw_heads).await
             }
@@ -112,16 +113,15 @@ pub async fn handle(
             false => response.map(Into::into),
         }
     } else {
-        // Plugins see the forwarding headers the upstream will.
-        if let Some(fields) = forwarding {
-            fields.insert_into(&mut parts.headers);
-        }
         let mut exchange = Exchange::new(
             parts,
             peer.client.clone(),
             route.name.clone(),
             ids.request_id.clone(),
         );
+        // Plugins see the forwarding headers the upstream will, inserted into the request's
+        // map only if one of them reads or edits one.
+        exchange.forwarding = forwarding;
         if !ids.trace.trace_id.is_empty() {
             exchange.trace_id = ids.trace.trace_id.clone();
         }
@@ -210,12 +210,12 @@ fn route_request<'s>(
 /// Prepares a routed request's head for the upstream: takes out an upgrade it asks for, strips
 /// its hop-by-hop fields, adds `X-Request-Id`, and returns the forwarding fields to add (those
 /// the client sent are kept only from a trusted proxy).
-fn prepare_upstream<'p>(
+fn prepare_upstream(
     parts: &mut http::request::Parts,
     snapshot: &Snapshot,
-    peer: &'p Peer,
+    peer: &Peer,
     ids: &RequestIds,
-) -> (Option<Upgrade>, Option<crate::forwarded::Fields<'p>>) {
+) -> (Option<Upgrade>, Option<crate::forwarded::Pending>) {
     let upgrade = Upgrade::take(parts);
     // Done before any plugin runs, so that `Connection` can only ever name the client's own
     // hop-by-hop headers, never one a plugin or the gateway adds later.
@@ -292,10 +292,17 @@ async fn run_chain(
             Some(edits) => {
                 let saved = (link.on_failure == FailurePolicy::FailOpen)
                     .then(|| RequestEdits::save(&exchange));
+                if fixed::names_any(edits, crate::forwarded::is_forwarding) {
+                    exchange.forwarding_into_map();
+                }
+                fixed::make(edits, &mut exchange.request.headers);
+                // The forwarding headers held aside count, as they would in the map.
                 let cap = link.plugin.budget().headers;
-                let applied = fixed::apply(edits, &mut exchange.request.headers, cap)
-                    .map(|()| Decision::Continue)
-                    .map_err(fixed_failure(Phase::Request));
+                let applied = match exchange.request_header_count() > cap as usize {
+                    true => Err(format!("more than {cap} headers")),
+                    false => Ok(Decision::Continue),
+                }
+                .map_err(fixed_failure(Phase::Request));
                 (None, saved, applied)
             }
             None => {
@@ -372,8 +379,11 @@ async fn run_chain(
                         // A plugin may have replaced the body: the client frames the one sent.
                         headers.to_mut().remove(CONTENT_LENGTH);
                     }
-                    let outgoing =
+                    let mut outgoing =
                         Outgoing::new(route, &head.method, &head.uri, headers, upstream_body);
+                    // Those no plugin read or edited are written as the request is sent.
+                    outgoing.forwarding = (exchange.forwarding.as_ref())
+                        .map(|pending| pending.fields(&exchange.client));
                     let sent = Instant::now();
                     // The upstream's fields may come as bytes: the response phase reads and edits
                     // them through `Exchange::response_mut`, which maps them only then.
@@ -508,7 +518,8 @@ async fn run_chain(
 fn fixed_request(
     route: &Route,
     headers: &mut HeaderMap,
-    forwarding: &mut Option<crate::forwarded::Fields<'_>>,
+    forwarding: &mut Option<crate::forwarded::Pending>,
+    client: &ClientAddr,
 ) -> bool {
     // The chain would see the forwarding headers in the map: they count.
     let mut count = headers.len() + forwarding.as_ref().map_or(0, |f| f.count());
@@ -524,8 +535,8 @@ fn fixed_request(
     }
     // An edit of a forwarding header is made on it, as in the chain; otherwise they are
     // written as the request is sent, as on a route without plugins.
-    if names_forwarding && let Some(fields) = forwarding.take() {
-        fields.insert_into(headers);
+    if names_forwarding && let Some(pending) = forwarding.take() {
+        pending.fields(client).insert_into(headers);
     }
     for link in &route.chain {
         if let Some(edits) = &link.fixed.request {
@@ -713,6 +724,8 @@ fn millis(elapsed: std::time::Duration) -> String {
 /// failure leaves no half-made edit behind.
 struct RequestEdits {
     headers: HeaderMap,
+    /// The forwarding headers held aside: a plugin that read or edited one put them in the map.
+    forwarding: Option<crate::forwarded::Pending>,
     body: Option<Bytes>,
     properties: Properties,
 }
@@ -721,6 +734,7 @@ impl RequestEdits {
     fn save(exchange: &Exchange) -> Self {
         RequestEdits {
             headers: exchange.request.headers.clone(),
+            forwarding: exchange.forwarding.clone(),
             body: exchange.body.clone(),
             properties: exchange.properties.clone(),
         }
@@ -728,6 +742,7 @@ impl RequestEdits {
 
     fn restore(self, exchange: &mut Exchange) {
         exchange.request.headers = self.headers;
+        exchange.forwarding = self.forwarding;
         exchange.body = self.body;
         exchange.properties = self.properties;
     }

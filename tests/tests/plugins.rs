@@ -419,6 +419,177 @@ async fn fixed_edits_past_the_header_cap_follow_the_failure_policy() {
     assert_eq!(upstream.last().headers["x-one"], "1");
 }
 
+/// The forwarding headers are held aside until a plugin reads or edits one (or reads all
+/// headers): a plugin reading them, by a host call or handed in with the call, sees what the
+/// upstream gets, and its edits of them are made; a chain that never reads them still sends
+/// them, one field each.
+#[tokio::test]
+async fn plugins_read_and_edit_the_forwarding_headers_the_upstream_gets() {
+    let upstream = TestUpstream::start("main").await;
+    let echo = |path: &str, declare: bool| {
+        format!(
+            "  - {{ name: {path}, match: {{ prefix: /{path} }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: e, echo: {{ headers: [x-forwarded-proto, forwarded, x-forwarded-for], declare: {declare} }} }} }}] }}\n"
+        )
+    };
+    let routes = [
+        echo("declared", true),
+        echo("called", false),
+        "  - { name: unread, match: { prefix: /unread }, upstream: main, plugins: [{ name: probe, config: { tag: a } }] }\n".into(),
+        "  - { name: all, match: { prefix: /all }, upstream: main, plugins: [{ name: probe, config: { tag: e, echo: { headers: [x-one], declare: false, all_headers: true } } }] }\n".into(),
+        "  - { name: placeholder, match: { prefix: /placeholder }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { x-client: \"{header.x-forwarded-for}|{header.forwarded}\" } } } }] }\n".into(),
+        "  - { name: removed, match: { prefix: /removed }, upstream: main, plugins: [{ name: probe, config: { tag: a } }, { name: rewrite, config: { request: { remove: [x-forwarded-host] } } }] }\n".into(),
+    ];
+    let text = small_manifest(
+        &upstream.url(),
+        "",
+        "  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        &routes.concat(),
+    );
+    let gateway = TestGateway::start(&text).await;
+    let get = |path: &'static str| {
+        let request = Request::get(path)
+            .header("host", "x.test")
+            .body(Full::default())
+            .unwrap();
+        gateway.send(request)
+    };
+    let element = "for=127.0.0.1;host=x.test;proto=http";
+    // Each forwarding header the upstream got, one field each; `None` for one it did not get.
+    let forwarding = |headers: &http::HeaderMap| {
+        [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ]
+        .map(|name| {
+            let values: Vec<_> = headers.get_all(name).iter().collect();
+            assert!(values.len() <= 1, "{name}: {values:?}");
+            values.first().map(|v| v.to_str().unwrap().to_owned())
+        })
+    };
+    let sent = |proto: &str| {
+        [
+            Some("127.0.0.1".to_owned()),
+            Some(proto.to_owned()),
+            Some("x.test".to_owned()),
+            Some(element.to_owned()),
+        ]
+    };
+
+    for path in ["/declared", "/called"] {
+        assert_eq!(get(path).await.status, StatusCode::OK, "{path}");
+        let seen = upstream.last().headers;
+        let read = format!("forwarded={element};x-forwarded-for=127.0.0.1");
+        assert_eq!(
+            seen["x-echo"],
+            format!(
+                "x-forwarded-proto=http;{read};echo=<unset>;GET;<none>;then;\
+                 x-forwarded-proto=edited;{read};echo=set"
+            )
+            .as_str(),
+            "{path}"
+        );
+        assert_eq!(forwarding(&seen), sent("edited"), "{path}");
+    }
+
+    assert_eq!(get("/unread").await.status, StatusCode::OK);
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-chain"], "a");
+    assert_eq!(forwarding(&seen), sent("http"));
+
+    // Every header read at once: the forwarding ones among them.
+    assert_eq!(get("/all").await.status, StatusCode::OK);
+    let seen = upstream.last().headers;
+    let all = "all=forwarded,host,x-forwarded-for,x-forwarded-host,x-forwarded-proto,x-request-id";
+    assert!(
+        seen["x-echo"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("x-one=;{all};echo=<unset>")),
+        "{:?}",
+        seen["x-echo"]
+    );
+    assert_eq!(forwarding(&seen), sent("http"));
+
+    assert_eq!(get("/placeholder").await.status, StatusCode::OK);
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-client"], format!("127.0.0.1|{element}").as_str());
+    assert_eq!(forwarding(&seen), sent("http"));
+
+    // A fixed edit after a called plugin: made in the chain, on the forwarding headers too.
+    assert_eq!(get("/removed").await.status, StatusCode::OK);
+    let seen = upstream.last().headers;
+    let [xff, xfp, _, rfc] = sent("http");
+    assert_eq!(forwarding(&seen), [xff, xfp, None, rfc]);
+}
+
+/// The forwarding headers held aside count against a plugin's header cap as if they were in the
+/// request's map, and a fail-open plugin that edited one before it failed leaves them as they
+/// were.
+#[tokio::test]
+async fn forwarding_headers_held_aside_count_against_the_header_cap() {
+    let upstream = TestUpstream::start("main").await;
+    let routes = [
+        // Sets `x-chain`: one header more.
+        "  - { name: called, match: { prefix: /called }, upstream: main, plugins: [{ name: probe, config: { tag: a } }] }\n",
+        "  - { name: fixed, match: { prefix: /fixed }, upstream: main, plugins: [{ name: rewrite, config: { request: { add: { x-one: \"1\" } } } }] }\n",
+        // Replaces a forwarding header's value: no header more.
+        "  - { name: replaced, match: { prefix: /replaced }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { x-forwarded-proto: edited } } } }] }\n",
+        // Edits `x-forwarded-proto`, then passes the cap with `x-echo`.
+        "  - { name: restored, match: { prefix: /restored }, upstream: main, plugins: [{ name: probe, config: { tag: e, echo: { headers: [x-forwarded-proto], declare: false } }, on_failure: fail-open }] }\n",
+    ];
+    let text = small_manifest(
+        &upstream.url(),
+        "limits: { plugin_headers: 6 }\n",
+        "  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        &routes.concat(),
+    );
+    let gateway = TestGateway::start(&text).await;
+    let get = |path: &'static str| {
+        let request = Request::get(path)
+            .header("host", "x.test")
+            .body(Full::default())
+            .unwrap();
+        gateway.send(request)
+    };
+
+    // host, x-request-id and the four forwarding headers: 6, the cap; one more passes it.
+    for path in ["/called", "/fixed"] {
+        let refused = get(path).await;
+        assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+    }
+    assert_eq!(upstream.served(), 0);
+    assert_eq!(
+        gateway.failures("probe", wasmgate::runtime::FailureKind::Cap),
+        1
+    );
+    assert_eq!(
+        gateway.failures("rewrite", wasmgate::runtime::FailureKind::Cap),
+        1
+    );
+
+    assert_eq!(get("/replaced").await.status, StatusCode::OK);
+    assert_eq!(upstream.last().headers["x-forwarded-proto"], "edited");
+
+    assert_eq!(get("/restored").await.status, StatusCode::OK);
+    let seen = upstream.last().headers;
+    assert!(!seen.contains_key("x-echo"), "{seen:?}");
+    for (name, value) in [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "x.test"),
+        ("forwarded", "for=127.0.0.1;host=x.test;proto=http"),
+    ] {
+        assert_eq!(seen.get_all(name).iter().count(), 1, "{name}: {seen:?}");
+        assert_eq!(seen[name], value, "{name}");
+    }
+    assert_eq!(
+        gateway.failures("probe", wasmgate::runtime::FailureKind::Cap),
+        2
+    );
+}
+
 /// A fixed edit is checked when the manifest loads, as the imports check an edit: one the
 /// gateway would refuse fails the load, naming the route and the plugin, rather than every
 /// request.

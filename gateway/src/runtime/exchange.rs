@@ -5,9 +5,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::forwarded::ClientAddr;
+use crate::forwarded::{self, ClientAddr};
 use crate::h1::RawFields;
 
 /// Which phase a plugin call belongs to.
@@ -41,8 +41,17 @@ impl Phase {
 /// locking, no copying of headers, and no way for a plugin to keep a reference past its call.
 #[derive(Debug)]
 pub struct Exchange {
-    /// Method, URI and headers of the request as it will go upstream.
+    /// Method, URI and headers of the request as it will go upstream, but for the forwarding
+    /// headers while they are held in `forwarding`.
     pub request: http::request::Parts,
+    /// The forwarding headers the gateway adds ([`forwarded::Pending`]), while no plugin has
+    /// read or edited one of them or read all headers: the request's map then holds none of
+    /// them, and they are written as the request is sent. Most chains read a header or two by
+    /// name; inserting the four into every request's map, one of them a value built for it,
+    /// would cost more than a plugin's fixed edits. Read and edit the request's headers
+    /// through [`Exchange::request_headers_mut`] or [`Exchange::request_headers_for`], and count
+    /// them with [`Exchange::request_header_count`].
+    pub forwarding: Option<forwarded::Pending>,
     /// The buffered request body, when the route has a plugin that reads bodies.
     pub body: Option<Bytes>,
     /// Status and headers of the response, once there is one. Read and edited through
@@ -74,6 +83,7 @@ impl Exchange {
     ) -> Self {
         Exchange {
             request,
+            forwarding: None,
             body: None,
             response: None,
             response_raw: None,
@@ -83,6 +93,35 @@ impl Exchange {
             request_id,
             trace_id: Box::default(),
         }
+    }
+
+    /// Inserts the forwarding headers still held aside into the request's map.
+    pub fn forwarding_into_map(&mut self) {
+        if let Some(pending) = self.forwarding.take() {
+            pending
+                .fields(&self.client)
+                .insert_into(&mut self.request.headers);
+        }
+    }
+
+    /// The request's headers, all in the map: the forwarding headers are inserted first.
+    pub fn request_headers_mut(&mut self) -> &mut HeaderMap {
+        self.forwarding_into_map();
+        &mut self.request.headers
+    }
+
+    /// The request's headers, for a read or an edit of `name` alone: the forwarding headers are
+    /// inserted first only when `name` (in any case) is one of them.
+    pub fn request_headers_for(&mut self, name: &str) -> &mut HeaderMap {
+        if self.forwarding.is_some() && forwarded::is_forwarding_name(name) {
+            self.forwarding_into_map();
+        }
+        &mut self.request.headers
+    }
+
+    /// How many request headers there are, the forwarding headers held aside included.
+    pub fn request_header_count(&self) -> usize {
+        self.request.headers.len() + self.forwarding.as_ref().map_or(0, |f| f.count())
     }
 
     /// The response, its fields all in the map: those still held as bytes are moved in first.

@@ -150,14 +150,21 @@ impl PluginState {
             Ok(checked) => checked,
             Err((kind, detail)) => return Err(self.fail(kind, detail)),
         };
-        let headers = if on_request {
+        // The forwarding headers the request's map does not hold yet count against the cap.
+        let (headers, held_aside) = if on_request {
             // `request_for_edit` counted this host call already.
             match self.exchange.as_deref_mut() {
-                Some(exchange) => &mut exchange.request.headers,
+                Some(exchange) => {
+                    if crate::forwarded::is_forwarding(&name) {
+                        exchange.forwarding_into_map();
+                    }
+                    let held_aside = exchange.forwarding.as_ref().map_or(0, |f| f.count());
+                    (&mut exchange.request.headers, held_aside)
+                }
                 None => return Err(wasmtime::format_err!("no request to edit")),
             }
         } else {
-            &mut self.response_parts()?.headers
+            (&mut self.response_parts()?.headers, 0)
         };
         match value {
             Some((value, Edit::Set)) => {
@@ -170,7 +177,7 @@ impl PluginState {
                 headers.remove(name);
             }
         }
-        if headers.len() > budget.headers as usize {
+        if headers.len() + held_aside > budget.headers as usize {
             let detail = format!("more than {} headers", budget.headers);
             return Err(self.fail(FailureKind::Cap, detail));
         }
@@ -226,15 +233,17 @@ impl request::Host for PluginState {
     }
 
     fn header(&mut self, name: String) -> Result<Option<String>> {
-        Ok(first_value(&self.exchange()?.request.headers, &name))
+        let headers = self.exchange()?.request_headers_for(&name);
+        Ok(first_value(headers, &name))
     }
 
     fn header_values(&mut self, name: String) -> Result<Vec<String>> {
-        Ok(all_values(&self.exchange()?.request.headers, &name))
+        let headers = self.exchange()?.request_headers_for(&name);
+        Ok(all_values(headers, &name))
     }
 
     fn headers(&mut self) -> Result<Vec<(String, String)>> {
-        Ok(all_headers(&self.exchange()?.request.headers))
+        Ok(all_headers(self.exchange()?.request_headers_mut()))
     }
 
     fn set_header(&mut self, name: String, value: String) -> Result<Result<(), String>> {

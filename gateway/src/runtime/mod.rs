@@ -1239,8 +1239,11 @@ impl PluginInstance {
     fn take_values(&mut self, phase: Phase) -> Option<Vec<u8>> {
         let reads = self.reads.as_ref()?;
         let exchange = self.store.data_mut().exchange.as_deref_mut()?;
+        // Their values are looked up in the maps.
+        if reads.reads_forwarding_headers() {
+            exchange.forwarding_into_map();
+        }
         if reads.reads_response_headers() {
-            // Their values are looked up in the map.
             exchange.response_mut();
         }
         let mut values = std::mem::take(&mut self.values);

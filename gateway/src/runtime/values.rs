@@ -23,6 +23,8 @@ const FIRST_CAPACITY: usize = 512;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadSet {
     request_headers: Box<[HeaderName]>,
+    /// Whether `request_headers` names a forwarding header (`X-Forwarded-For` and the others).
+    reads_forwarding: bool,
     response_headers: Box<[HeaderName]>,
     properties: Box<[Box<str>]>,
 }
@@ -75,10 +77,17 @@ impl ReadSet {
             ));
         }
         Ok(Some(ReadSet {
+            reads_forwarding: request_headers.iter().any(crate::forwarded::is_forwarding),
             request_headers,
             response_headers,
             properties: properties.into_iter().map(String::into_boxed_str).collect(),
         }))
+    }
+
+    /// Whether the plugin names a forwarding header of the request (looked up in the request's
+    /// map, so they must be in it: [`Exchange::forwarding`]).
+    pub fn reads_forwarding_headers(&self) -> bool {
+        self.reads_forwarding
     }
 
     /// Whether the plugin names response headers (looked up in the response's map).
