@@ -14,8 +14,10 @@ use wasmgate::forwarded::ClientAddr;
 use wasmgate::manifest::MatchSpec;
 use wasmgate::metrics::Metrics;
 use wasmgate::router::{RouteMatch, RouterBuilder};
+use wasmgate::runtime::fixed::{self, FixedEdits};
 use wasmgate::runtime::{
-    Decision, Exchange, InstancePool, Lease, LoadSession, LoadedPlugin, PluginBudget, Runtime,
+    Decision, Exchange, InstancePool, Lease, LoadSession, LoadedPlugin, Phases, PluginBudget,
+    Runtime,
 };
 
 /// api-key's benchmark configuration: one consumer, whose key is `bench-key` (its SHA-256).
@@ -219,43 +221,106 @@ fn three_plugin_chain(c: &mut Criterion) {
         .0;
     let exchange = exchanges(parts);
 
-    // Check once that the chain lets the request through, so the bench measures the real path.
-    let run = || async {
-        let mut exchange = exchange();
-        let mut leases = Vec::with_capacity(3);
+    // What each use fixes (contract 0.2.4), asked once as a manifest load asks it.
+    let uses: Vec<(Phases, FixedEdits)> = tokio.block_on(async {
+        let mut answers = Vec::new();
         for ((plugin, config), pool) in chain.iter().zip(&pools) {
             let mut lease = Lease::acquire(plugin, config, Some(pool), None)
                 .await
                 .unwrap();
-            // As the proxy does: only the phases a plugin asks for are called.
-            if !lease.phases().request {
-                leases.push(lease);
-                continue;
+            let fixed = lease.ask_fixed().await.unwrap().unwrap_or_default();
+            answers.push((lease.phases(), fixed));
+        }
+        answers
+    });
+    assert!(
+        uses[1].1.request.is_some() && uses[1].1.response.is_some(),
+        "header-rewrite fixes both phases with this configuration"
+    );
+
+    // `made`: fixed edits are made in the plugin's place, as the proxy makes them, instead of
+    // calling the phase; a plugin whose phases are all fixed then takes no instance. Without
+    // it every phase a plugin asks for is called (the proxy before contract 0.2.4).
+    let run = |made: bool| {
+        let exchange = &exchange;
+        let (chain, pools, uses, response) = (&chain, &pools, &uses, &response);
+        async move {
+            let mut exchange = exchange();
+            let mut ran = Vec::with_capacity(3);
+            for (((plugin, config), pool), (phases, fixed)) in chain.iter().zip(pools).zip(uses) {
+                let (phases, fixed) = (*phases, made.then_some(fixed));
+                let all_fixed = fixed.is_some_and(|f| {
+                    (!phases.request || f.request.is_some())
+                        && (!phases.response || f.response.is_some())
+                });
+                let mut lease = match all_fixed {
+                    true => None,
+                    false => Some(
+                        Lease::acquire(plugin, config, Some(pool), None)
+                            .await
+                            .unwrap(),
+                    ),
+                };
+                if phases.request {
+                    match (fixed.and_then(|f| f.request.as_deref()), &mut lease) {
+                        (Some(edits), _) => {
+                            fixed::apply(edits, &mut exchange.request.headers, 100).unwrap()
+                        }
+                        (None, Some(lease)) => {
+                            let (returned, decision) = lease.on_request(exchange).await;
+                            exchange = returned;
+                            match decision {
+                                Ok(Decision::Continue) => {}
+                                other => panic!("the chain refused the request: {other:?}"),
+                            }
+                        }
+                        (None, None) => unreachable!("a called phase has an instance"),
+                    }
+                }
+                ran.push((phases, fixed, lease));
             }
-            let (returned, decision) = lease.on_request(exchange).await;
-            exchange = returned;
-            match decision {
-                Ok(Decision::Continue) => leases.push(lease),
-                other => panic!("the chain refused the request: {other:?}"),
+            exchange.response = Some(response.clone());
+            for (_, fixed, lease) in ran.iter_mut().rev().filter(|r| r.0.response) {
+                match (fixed.and_then(|f| f.response.as_deref()), lease) {
+                    (Some(edits), _) => {
+                        let headers = &mut exchange.response_mut().unwrap().headers;
+                        fixed::apply(edits, headers, 100).unwrap();
+                    }
+                    (None, Some(lease)) => {
+                        let (returned, outcome) = lease.on_response(exchange).await;
+                        exchange = returned;
+                        outcome.unwrap();
+                    }
+                    (None, None) => unreachable!("a called phase has an instance"),
+                }
             }
+            for (_, _, lease) in ran.iter_mut().rev() {
+                if let Some(lease) = lease.as_mut().filter(|l| l.phases().complete) {
+                    let (returned, outcome) = lease.on_complete(exchange).await;
+                    exchange = returned;
+                    outcome.unwrap();
+                }
+            }
+            exchange
         }
-        exchange.response = Some(response.clone());
-        for lease in leases.iter_mut().rev().filter(|l| l.phases().response) {
-            let (returned, outcome) = lease.on_response(exchange).await;
-            exchange = returned;
-            outcome.unwrap();
-        }
-        for lease in leases.iter_mut().rev().filter(|l| l.phases().complete) {
-            let (returned, outcome) = lease.on_complete(exchange).await;
-            exchange = returned;
-            outcome.unwrap();
-        }
-        exchange
     };
-    tokio.block_on(run());
+    // Check once that the chain lets the request through and makes header-rewrite's edits, so
+    // the bench measures the real path.
+    for made in [false, true] {
+        let exchange = tokio.block_on(run(made));
+        assert_eq!(exchange.request.headers["x-gateway"], "wasmgate");
+        assert_eq!(
+            exchange.response.as_ref().unwrap().headers["x-served-by"],
+            "wasmgate"
+        );
+    }
     c.bench_function(
         "chain/api-key + header-rewrite + access-log, pooled, the phases each asks for",
-        |b| b.iter(|| tokio.block_on(run())),
+        |b| b.iter(|| tokio.block_on(run(false))),
+    );
+    c.bench_function(
+        "chain/api-key + header-rewrite + access-log, pooled, as the proxy runs it (fixed edits made, not called)",
+        |b| b.iter(|| tokio.block_on(run(true))),
     );
 }
 
