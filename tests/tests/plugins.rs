@@ -419,6 +419,17 @@ async fn fixed_edits_past_the_header_cap_follow_the_failure_policy() {
     assert_eq!(upstream.last().headers["x-one"], "1");
 }
 
+/// The plugins of the forwarding tests.
+const PROBE_AND_REWRITE: &str = "  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n";
+
+/// A GET of `path` for the host `x.test`, with no other header.
+fn x_test_get(path: &str) -> Request<Full<bytes::Bytes>> {
+    Request::get(path)
+        .header("host", "x.test")
+        .body(Full::default())
+        .unwrap()
+}
+
 /// The forwarding headers are held aside until a plugin reads or edits one (or reads all
 /// headers): a plugin reading them, by a host call or handed in with the call, sees what the
 /// upstream gets, and its edits of them are made; a chain that never reads them still sends
@@ -439,20 +450,9 @@ async fn plugins_read_and_edit_the_forwarding_headers_the_upstream_gets() {
         "  - { name: placeholder, match: { prefix: /placeholder }, upstream: main, plugins: [{ name: rewrite, config: { request: { set: { x-client: \"{header.x-forwarded-for}|{header.forwarded}\" } } } }] }\n".into(),
         "  - { name: removed, match: { prefix: /removed }, upstream: main, plugins: [{ name: probe, config: { tag: a } }, { name: rewrite, config: { request: { remove: [x-forwarded-host] } } }] }\n".into(),
     ];
-    let text = small_manifest(
-        &upstream.url(),
-        "",
-        "  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
-        &routes.concat(),
-    );
+    let text = small_manifest(&upstream.url(), "", PROBE_AND_REWRITE, &routes.concat());
     let gateway = TestGateway::start(&text).await;
-    let get = |path: &'static str| {
-        let request = Request::get(path)
-            .header("host", "x.test")
-            .body(Full::default())
-            .unwrap();
-        gateway.send(request)
-    };
+    let get = |path: &'static str| gateway.send(x_test_get(path));
     let element = "for=127.0.0.1;host=x.test;proto=http";
     // Each forwarding header the upstream got, one field each; `None` for one it did not get.
     let forwarding = |headers: &http::HeaderMap| {
@@ -542,17 +542,11 @@ async fn forwarding_headers_held_aside_count_against_the_header_cap() {
     let text = small_manifest(
         &upstream.url(),
         "limits: { plugin_headers: 6 }\n",
-        "  probe: { source: \"{plugins}/probe_plugin.wasm\" }\n  rewrite: { source: \"{plugins}/header_rewrite.wasm\" }\n",
+        PROBE_AND_REWRITE,
         &routes.concat(),
     );
     let gateway = TestGateway::start(&text).await;
-    let get = |path: &'static str| {
-        let request = Request::get(path)
-            .header("host", "x.test")
-            .body(Full::default())
-            .unwrap();
-        gateway.send(request)
-    };
+    let get = |path: &'static str| gateway.send(x_test_get(path));
 
     // host, x-request-id and the four forwarding headers: 6, the cap; one more passes it.
     for path in ["/called", "/fixed"] {
