@@ -224,11 +224,6 @@ pub struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    /// How many headers they are.
-    pub fn count(&self) -> usize {
-        3 + usize::from(self.host.is_some())
-    }
-
     /// Inserts them into `headers`.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         headers.insert(X_FORWARDED_FOR.clone(), self.client.listed.clone());

@@ -295,14 +295,12 @@ async fn run_chain(
                 if fixed::names_any(edits, crate::forwarded::is_forwarding) {
                     exchange.forwarding_into_map();
                 }
-                fixed::make(edits, &mut exchange.request.headers);
                 // The forwarding headers held aside count, as they would in the map.
+                let held_aside = exchange.forwarding_held_aside();
                 let cap = link.plugin.budget().headers;
-                let applied = match exchange.request_header_count() > cap as usize {
-                    true => Err(format!("more than {cap} headers")),
-                    false => Ok(Decision::Continue),
-                }
-                .map_err(fixed_failure(Phase::Request));
+                let applied = fixed::apply(edits, &mut exchange.request.headers, held_aside, cap)
+                    .map(|()| Decision::Continue)
+                    .map_err(fixed_failure(Phase::Request));
                 (None, saved, applied)
             }
             None => {
@@ -434,7 +432,7 @@ async fn run_chain(
                         let response = exchange
                             .response_mut()
                             .expect("the response is in the exchange");
-                        fixed::apply(edits, &mut response.headers, cap)
+                        fixed::apply(edits, &mut response.headers, 0, cap)
                     }
                 };
                 made.map(|()| lease).map_err(fixed_failure(Phase::Response))
@@ -522,7 +520,10 @@ fn fixed_request(
     client: &ClientAddr,
 ) -> bool {
     // The chain would see the forwarding headers in the map: they count.
-    let mut count = headers.len() + forwarding.as_ref().map_or(0, |f| f.count());
+    let mut count = headers.len()
+        + forwarding
+            .as_ref()
+            .map_or(0, crate::forwarded::Pending::count);
     let mut names_forwarding = false;
     for link in &route.chain {
         if let Some(edits) = &link.fixed.request {
@@ -595,7 +596,7 @@ fn fixed_response(
         let saved =
             (link.on_failure == FailurePolicy::FailOpen).then(|| response.headers().clone());
         let cap = link.plugin.budget().headers;
-        if let Err(detail) = fixed::apply(edits, response.headers_mut(), cap) {
+        if let Err(detail) = fixed::apply(edits, response.headers_mut(), 0, cap) {
             let err = fixed_failure(Phase::Response)(detail);
             let names = (ids.request_id(), &*ids.trace.trace_id);
             match on_failure(route, link, names, &err, &mut None) {

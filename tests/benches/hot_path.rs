@@ -266,7 +266,7 @@ fn three_plugin_chain(c: &mut Criterion) {
                 if phases.request {
                     match (fixed.and_then(|f| f.request.as_deref()), &mut lease) {
                         (Some(edits), _) => {
-                            fixed::apply(edits, &mut exchange.request.headers, 100).unwrap()
+                            fixed::apply(edits, &mut exchange.request.headers, 0, 100).unwrap()
                         }
                         (None, Some(lease)) => {
                             let (returned, decision) = lease.on_request(exchange).await;
@@ -287,7 +287,7 @@ fn three_plugin_chain(c: &mut Criterion) {
                 match (fixed.and_then(|f| f.response.as_deref()), lease) {
                     (Some(edits), _) => {
                         let headers = &mut exchange.response_mut().unwrap().headers;
-                        fixed::apply(edits, headers, 100).unwrap();
+                        fixed::apply(edits, headers, 0, 100).unwrap();
                     }
                     (None, Some(lease)) => {
                         let (returned, outcome) = lease.on_response(exchange).await;

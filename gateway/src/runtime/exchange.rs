@@ -119,9 +119,16 @@ impl Exchange {
         &mut self.request.headers
     }
 
+    /// How many forwarding headers are held aside (not in the request's map).
+    pub fn forwarding_held_aside(&self) -> usize {
+        self.forwarding
+            .as_ref()
+            .map_or(0, forwarded::Pending::count)
+    }
+
     /// How many request headers there are, the forwarding headers held aside included.
     pub fn request_header_count(&self) -> usize {
-        self.request.headers.len() + self.forwarding.as_ref().map_or(0, |f| f.count())
+        self.request.headers.len() + self.forwarding_held_aside()
     }
 
     /// The response, its fields all in the map: those still held as bytes are moved in first.

@@ -82,11 +82,17 @@ fn check_one(
     })
 }
 
-/// Makes `edits` on `headers`, in order; an error when the headers then pass `max_headers`
-/// (the cap the plugin's own edits would have met).
-pub fn apply(edits: &[FixedEdit], headers: &mut HeaderMap, max_headers: u32) -> Result<(), String> {
+/// Makes `edits` on `headers`, in order; an error when the headers, with `held_aside` more that
+/// are not in the map (a request's forwarding headers), then pass `max_headers` (the cap the
+/// plugin's own edits would have met).
+pub fn apply(
+    edits: &[FixedEdit],
+    headers: &mut HeaderMap,
+    held_aside: usize,
+    max_headers: u32,
+) -> Result<(), String> {
     make(edits, headers);
-    match headers.len() > max_headers as usize {
+    match headers.len() + held_aside > max_headers as usize {
         true => Err(format!("more than {max_headers} headers")),
         false => Ok(()),
     }

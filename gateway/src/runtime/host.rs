@@ -158,7 +158,7 @@ impl PluginState {
                     if crate::forwarded::is_forwarding(&name) {
                         exchange.forwarding_into_map();
                     }
-                    let held_aside = exchange.forwarding.as_ref().map_or(0, |f| f.count());
+                    let held_aside = exchange.forwarding_held_aside();
                     (&mut exchange.request.headers, held_aside)
                 }
                 None => return Err(wasmtime::format_err!("no request to edit")),
