@@ -160,9 +160,11 @@ fn a_fresh_instance_takes_its_slot_without_faulting_its_memory_in_again() {
 
 /// A manifest of per-request plugin uses: a probe that stamps when it was configured on `/a`
 /// (tag `a_tag`) and `/b` (tag `b_tag`), and the stash on `/stash`.
+/// The deadline is generous: these tests are about images, and `configure` at load, on a CI
+/// machine busy with other tests, once ran past the 50 ms default and failed the load.
 fn preinit_manifest(upstream: &TestUpstream, a_tag: &str, b_tag: &str) -> String {
     format!(
-        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nadmin: {{ bind: \"127.0.0.1:0\" }}\nreload: {{ watch: false }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: a, match: {{ prefix: /a }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {a_tag}, stamp: true }} }}] }}\n  - {{ name: b, match: {{ prefix: /b }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {b_tag}, stamp: true }} }}] }}\n  - {{ name: stash, match: {{ prefix: /stash }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
+        "version: 1\nlisteners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nadmin: {{ bind: \"127.0.0.1:0\" }}\nreload: {{ watch: false }}\nlimits: {{ plugin_deadline: 1s }}\nplugins:\n  probe: {{ source: \"{{plugins}}/probe_plugin.wasm\" }}\n  stash: {{ source: \"{{plugins}}/misbehave_plugin.wasm\" }}\nupstreams:\n  main: {{ targets: [{{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: a, match: {{ prefix: /a }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {a_tag}, stamp: true }} }}] }}\n  - {{ name: b, match: {{ prefix: /b }}, upstream: main, plugins: [{{ name: probe, config: {{ tag: {b_tag}, stamp: true }} }}] }}\n  - {{ name: stash, match: {{ prefix: /stash }}, upstream: main, plugins: [{{ name: stash, config: {{ mode: stash }} }}] }}\n",
         upstream.url()
     )
 }
