@@ -43,6 +43,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Ver
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 /// The largest request body sent through this client. A larger one goes through hyper's client,
 /// which reads the answer while it writes, so that an upstream that answers early (a 413) and
@@ -190,6 +191,9 @@ pub enum Error {
     /// The upstream closed the connection before a whole response head.
     #[error("the upstream closed the connection before answering")]
     Closed,
+    /// No whole response head by the caller's deadline (connecting, writing or reading).
+    #[error("no response head in time")]
+    TimedOut,
     /// The response head is not one this client accepts.
     #[error("invalid response head: {0}")]
     Head(&'static str),
@@ -213,14 +217,28 @@ struct Idle {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Bounds each exchange on this connection. It stays with the connection: a request sets
+    /// it to a later deadline than the last, which Tokio does with one atomic update, where a
+    /// timer of its own would be inserted into Tokio's timer wheel and removed again under its
+    /// lock (~600 instructions a request, docs/performance.md "Session 23").
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
     /// Reads what has arrived onto the end of the buffer; `Ok(0)` at the connection's end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+        fill(&mut self.stream, &mut self.buf, cx)
     }
+}
+
+/// Reads what has arrived on `stream` onto the end of `buf`; `Ok(0)` at the connection's end.
+fn fill(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    buf.reserve(READ_CHUNK);
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
 }
 
 thread_local! {
@@ -258,11 +276,13 @@ impl Pool {
     }
 
     /// Sends `request` and waits for the response head; the body streams from the connection.
-    /// `connect_timeout` bounds making a new connection; the caller bounds the whole wait.
+    /// `connect_timeout` bounds making a new connection; `deadline` the whole wait for the
+    /// head ([`Error::TimedOut`] past it).
     pub async fn send(
         self: &Arc<Self>,
         request: Request<'_>,
         connect_timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<Body>, Error> {
         let head_only = request.method == Method::HEAD;
         let reading = Reading {
@@ -278,9 +298,15 @@ impl Pool {
                 // Boxed: connecting is rare on a kept-alive pool, and its future (name lookup,
                 // connect, timer) would otherwise make every request's future larger, which is
                 // moved whole as it is built.
-                None => (Box::pin(self.connect(connect_timeout)).await?, false),
+                None => {
+                    let connecting = Box::pin(self.connect(connect_timeout, deadline));
+                    match tokio::time::timeout_at(deadline, connecting).await {
+                        Ok(connected) => (connected?, false),
+                        Err(_) => return Err(Error::TimedOut),
+                    }
+                }
             };
-            match exchange(&mut conn, &message, reading).await {
+            match exchange(&mut conn, &message, reading, deadline).await {
                 Ok(head) => return Ok(self.response(conn, head)),
                 // The upstream closed an idle connection as it was being reused: it has not
                 // seen the request. Sent again only where doing so twice is harmless anyway.
@@ -366,7 +392,12 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Conn, Error> {
+    /// A new connection, its exchange timer first set to `deadline`.
+    async fn connect(
+        &self,
+        timeout: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<Conn, Error> {
         let failed = |source| Error::Connect {
             authority: self.authority.clone(),
             source,
@@ -395,6 +426,7 @@ impl Pool {
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         })
     }
 
@@ -482,8 +514,15 @@ impl Drop for InProgress {
     }
 }
 
-/// Writes the request and reads the response head (interim ones skipped).
-async fn exchange(conn: &mut Conn, message: &[u8], reading: Reading) -> Result<Head, Failure> {
+/// Writes the request and reads the response head (interim ones skipped), by `deadline`.
+async fn exchange(
+    conn: &mut Conn,
+    message: &[u8],
+    reading: Reading,
+    deadline: tokio::time::Instant,
+) -> Result<Head, Failure> {
+    let Conn { stream, buf, timer } = conn;
+    timer.as_mut().reset(deadline);
     // Every write wakes the upstream; where it shares a CPU with us, it preempts us there and
     // then, for one request. Yielding once first lets the other requests ready in this turn of
     // the event loop reach their writes too, so that the upstream wakes once for several of
@@ -494,22 +533,37 @@ async fn exchange(conn: &mut Conn, message: &[u8], reading: Reading) -> Result<H
     if IN_PROGRESS.with(Cell::get) > 1 {
         tokio::task::yield_now().await;
     }
-    conn.stream
-        .write_all(message)
+    // A timeout is never `Unanswered`: the request may have reached the upstream, and is not
+    // sent again.
+    let timed_out = || Failure::Answering(Error::TimedOut);
+    {
+        let mut writing = std::pin::pin!(stream.write_all(message));
+        std::future::poll_fn(|cx| match writing.as_mut().poll(cx) {
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+            Poll::Ready(written) => Poll::Ready(Some(written)),
+        })
         .await
+        .ok_or_else(timed_out)?
         .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
+    }
     let mut answered = false;
     loop {
-        if !conn.buf.is_empty() {
+        if !buf.is_empty() {
             answered = true;
-            if let Some(head) = parse_head(&mut conn.buf, reading).map_err(Failure::Answering)? {
+            if let Some(head) = parse_head(buf, reading).map_err(Failure::Answering)? {
                 return Ok(head);
             }
-            if conn.buf.len() >= MAX_HEAD {
+            if buf.len() >= MAX_HEAD {
                 return Err(Failure::Answering(Error::Head("response head too large")));
             }
         }
-        let read = std::future::poll_fn(|cx| conn.poll_fill(cx)).await;
+        // The timer is looked at only while the upstream has not answered yet.
+        let read = std::future::poll_fn(|cx| match fill(stream, buf, cx) {
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+            Poll::Ready(read) => Poll::Ready(Some(read)),
+        })
+        .await
+        .ok_or_else(timed_out)?;
         let failed = |err| match answered {
             true => Failure::Answering(err),
             false => Failure::Unanswered(err),

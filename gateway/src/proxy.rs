@@ -1127,9 +1127,10 @@ async fn forward(
     raw_fields: bool,
 ) -> Response<ProxyBody> {
     let upstream = &route.upstream;
-    let deadline = route
-        .request_timeout
-        .map(|limit| tokio::time::Instant::now() + limit);
+    // One clock read serves the request's deadline and the first attempt's (a retry reads
+    // it again).
+    let mut now = tokio::time::Instant::now();
+    let deadline = route.request_timeout.map(|limit| now + limit);
     let attempts = if outgoing.repeatable() && upgrade.is_none() {
         1 + upstream.retries
     } else {
@@ -1172,34 +1173,41 @@ async fn forward(
         } else {
             None
         };
-        let head_wait = match deadline {
-            Some(deadline) => route
-                .timeout
-                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
-            None => route.timeout,
+        if attempt > 0 {
+            now = tokio::time::Instant::now();
+        }
+        let head_by = match deadline {
+            Some(deadline) => deadline.min(now + route.timeout),
+            None => now + route.timeout,
         };
-        let sent = Instant::now();
-        let outcome = {
+        let sent = now.into_std();
+        let outcome: Result<Result<Response<Stream>, BoxError>, TimedOut> = {
             let _outstanding = upstream.begin(index);
             // Each client's future is awaited here rather than in an `async fn` of the attempt:
             // every level of `async fn` is a future built and then moved whole into its
             // caller's, once per request.
             match request {
+                // wasmgate's client bounds the wait itself, with a timer kept per connection.
                 Attempt::Native(request) => {
-                    let sending = target
-                        .pool
-                        .send(request, upstream.connect_timeout(route.client));
-                    tokio::time::timeout(head_wait, sending).await.map(|sent| {
-                        sent.map(|head| head.map(Stream::from))
-                            .map_err(BoxError::from)
-                    })
+                    let sending =
+                        target
+                            .pool
+                            .send(request, upstream.connect_timeout(route.client), head_by);
+                    match sending.await {
+                        Err(crate::h1::Error::TimedOut) => Err(TimedOut),
+                        sent => Ok(sent
+                            .map(|head| head.map(Stream::from))
+                            .map_err(BoxError::from)),
+                    }
                 }
                 Attempt::Hyper(request) => {
                     let sending = upstream.client(route.client).request(*request);
-                    tokio::time::timeout(head_wait, sending).await.map(|sent| {
-                        sent.map(|head| head.map(Stream::from))
-                            .map_err(BoxError::from)
-                    })
+                    match tokio::time::timeout_at(head_by, sending).await {
+                        Ok(sent) => Ok(sent
+                            .map(|head| head.map(Stream::from))
+                            .map_err(BoxError::from)),
+                        Err(_) => Err(TimedOut),
+                    }
                 }
             }
         };
@@ -1236,9 +1244,10 @@ async fn forward(
                     AttemptFailure::Transport
                 }
             },
-            Err(_) => {
+            Err(TimedOut) => {
                 upstream.failed(index);
-                tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?head_wait, "upstream timed out");
+                let timeout = head_by.saturating_duration_since(now);
+                tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?timeout, "upstream timed out");
                 AttemptFailure::TimedOut
             }
         };
@@ -1262,6 +1271,9 @@ async fn forward(
     };
     gateway_error(status, reason)
 }
+
+/// No response head from the upstream by the attempt's deadline.
+struct TimedOut;
 
 /// Whether a client error is a connect timeout (504 rather than 502).
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {

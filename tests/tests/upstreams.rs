@@ -14,6 +14,16 @@ fn manifest(upstream: &str, routes: &str) -> String {
     )
 }
 
+fn one_upstream(upstream: &TestUpstream, routes: &str) -> String {
+    manifest(
+        &format!(
+            "  main: {{ targets: [{{ url: \"{}\" }}] }}\n",
+            upstream.url()
+        ),
+        routes,
+    )
+}
+
 fn one_route(upstream: &str) -> String {
     manifest(
         upstream,
@@ -258,6 +268,50 @@ async fn upstream_failures_map_to_502_504_and_never_pass_as_complete() {
             .expect("the body ended");
         assert!(body.is_err(), "{path}: a cut body arrived as complete");
     }
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_bounds_each_request_by_its_own_deadline() {
+    // wasmgate's client keeps one timer per upstream connection and sets it again for each
+    // request on it: to a later deadline, to an earlier one, and to one later than a deadline
+    // the timer was already waiting for. Routes differ only in their timeout, so they share
+    // the upstream's pool, and the gateway serves on the test's one thread, so on one
+    // connection while it stays open.
+    let upstream = TestUpstream::start("main").await;
+    let routes = "  - { name: patient, match: { prefix: /delay/30 }, upstream: main, timeout: 10s }\n  - { name: hasty, match: { prefix: /delay/1500 }, upstream: main, timeout: 300ms }\n  - { name: quick, match: { prefix: /delay/0 }, upstream: main, timeout: 200ms }\n  - { name: middling, match: { prefix: /delay/1600 }, upstream: main, timeout: 700ms }\n";
+    let gateway = TestGateway::start(&one_upstream(&upstream, routes)).await;
+
+    assert_eq!(get(&gateway, "/delay/30").await, StatusCode::OK);
+    assert_eq!(get(&gateway, "/delay/30").await, StatusCode::OK);
+    assert_eq!(upstream.connections(), 1, "the connection was reused");
+
+    // An earlier deadline than the 10 s the connection's timer was set to.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        get(&gateway, "/delay/1500").await,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert!(started.elapsed() < Duration::from_millis(1400));
+
+    // The timed-out connection is not reused. Its replacement's timer waits for 200 ms, then is
+    // set to 700 ms from a later start: it must fire then, neither at the 200 ms it was
+    // waiting for nor never.
+    assert_eq!(get(&gateway, "/delay/0").await, StatusCode::OK);
+    assert_eq!(upstream.connections(), 2);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        get(&gateway, "/delay/1600").await,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(650) && waited < Duration::from_millis(1500),
+        "timed out after {waited:?}"
+    );
+    assert_eq!(upstream.connections(), 2, "the same connection timed out");
+
+    // And the gateway goes on serving.
+    assert_eq!(get(&gateway, "/delay/30").await, StatusCode::OK);
 }
 
 #[tokio::test]
