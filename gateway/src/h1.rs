@@ -538,13 +538,10 @@ async fn exchange(
     let timed_out = || Failure::Answering(Error::TimedOut);
     {
         let mut writing = std::pin::pin!(stream.write_all(message));
-        std::future::poll_fn(|cx| match writing.as_mut().poll(cx) {
-            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
-            Poll::Ready(written) => Poll::Ready(Some(written)),
-        })
-        .await
-        .ok_or_else(timed_out)?
-        .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
+        before(timer, |cx| writing.as_mut().poll(cx))
+            .await
+            .ok_or_else(timed_out)?
+            .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
     }
     let mut answered = false;
     loop {
@@ -557,13 +554,9 @@ async fn exchange(
                 return Err(Failure::Answering(Error::Head("response head too large")));
             }
         }
-        // The timer is looked at only while the upstream has not answered yet.
-        let read = std::future::poll_fn(|cx| match fill(stream, buf, cx) {
-            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
-            Poll::Ready(read) => Poll::Ready(Some(read)),
-        })
-        .await
-        .ok_or_else(timed_out)?;
+        let read = before(timer, |cx| fill(stream, buf, cx))
+            .await
+            .ok_or_else(timed_out)?;
         let failed = |err| match answered {
             true => Failure::Answering(err),
             false => Failure::Unanswered(err),
@@ -574,6 +567,19 @@ async fn exchange(
             Err(err) => return Err(failed(Error::Io(err))),
         }
     }
+}
+
+/// Polls `work` to its end, or `None` if `timer` fires first. The timer is looked at only while
+/// the work waits: a write or read that is ready at once costs no timer poll.
+async fn before<T>(
+    timer: &mut Pin<Box<Sleep>>,
+    mut work: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> Option<T> {
+    std::future::poll_fn(|cx| match work(cx) {
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+        Poll::Ready(done) => Poll::Ready(Some(done)),
+    })
+    .await
 }
 
 /// How the body of a response is delimited.
