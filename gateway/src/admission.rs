@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, Version};
 
 use crate::manifest::HttpSpec;
 use crate::normalize::normalize;
@@ -40,8 +40,10 @@ pub fn admit<B>(request: &mut Request<B>, http: &HttpSpec) -> Result<(), Refusal
     if uri_length as u64 > http.max_uri_length.0 {
         return Err(refuse(StatusCode::URI_TOO_LONG, "request target too long"));
     }
-    check_headers(request.headers(), http)?;
-    check_host(request)?;
+    let fields = check_headers(request.headers(), http)?;
+    check_host(fields.host, request.version(), request.uri())?;
+    // Checked here, before `Host` may be replaced below, and answered after it, as before.
+    let framing = check_framing(&fields, http);
     if let Some(authority) = request.uri().authority() {
         // RFC 9112 section 3.2.2: with an absolute-form target (and HTTP/2's `:authority`), the
         // target's authority is the host, and `Host` is replaced by it. Routing uses it too, so
@@ -52,7 +54,7 @@ pub fn admit<B>(request: &mut Request<B>, http: &HttpSpec) -> Result<(), Refusal
             .ok_or(refuse(StatusCode::BAD_REQUEST, "invalid authority"))?;
         request.headers_mut().insert(HOST, value);
     }
-    check_framing(request.headers(), http)?;
+    framing?;
 
     let path = request.uri().path();
     if path == "*" {
@@ -69,7 +71,32 @@ pub fn admit<B>(request: &mut Request<B>, http: &HttpSpec) -> Result<(), Refusal
     Ok(())
 }
 
-fn check_headers(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
+/// The fields whose number and values admission checks, found in the one pass over the headers
+/// that counts their size, rather than by a lookup each (three hashes of a name a request).
+#[derive(Default)]
+struct Fields<'h> {
+    host: Occurrences<'h>,
+    length: Occurrences<'h>,
+    encoding: Occurrences<'h>,
+}
+
+/// The first value of a field, and whether there was another.
+#[derive(Default, Clone, Copy)]
+struct Occurrences<'h> {
+    first: Option<&'h HeaderValue>,
+    repeated: bool,
+}
+
+impl<'h> Occurrences<'h> {
+    fn add(&mut self, value: &'h HeaderValue) {
+        match self.first {
+            Some(_) => self.repeated = true,
+            None => self.first = Some(value),
+        }
+    }
+}
+
+fn check_headers<'h>(headers: &'h HeaderMap, http: &HttpSpec) -> Result<Fields<'h>, Refusal> {
     let too_large = refuse(
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         "request headers too large",
@@ -77,23 +104,30 @@ fn check_headers(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
     if headers.len() > http.max_headers as usize {
         return Err(too_large);
     }
-    let bytes: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len())
-        .sum();
+    let mut fields = Fields::default();
+    let mut bytes = 0usize;
+    for (name, value) in headers {
+        bytes += name.as_str().len() + value.len();
+        // Standard names compare as one small integer each.
+        if name == HOST {
+            fields.host.add(value);
+        } else if name == CONTENT_LENGTH {
+            fields.length.add(value);
+        } else if name == TRANSFER_ENCODING {
+            fields.encoding.add(value);
+        }
+    }
     if bytes as u64 > http.max_header_bytes.0 {
         return Err(too_large);
     }
-    Ok(())
+    Ok(fields)
 }
 
-fn check_host<B>(request: &Request<B>) -> Result<(), Refusal> {
-    let mut hosts = request.headers().get_all(HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+fn check_host(host: Occurrences<'_>, version: Version, uri: &Uri) -> Result<(), Refusal> {
+    if host.repeated {
         return Err(refuse(StatusCode::BAD_REQUEST, "more than one Host header"));
     }
-    match host {
+    match host.first {
         Some(value) => {
             // The router and the upstream read it as an authority: it must be one. Most are
             // plainly one; the rest are parsed in full (which copies the value).
@@ -109,7 +143,7 @@ fn check_host<B>(request: &Request<B>) -> Result<(), Refusal> {
         }
         // RFC 9112 section 3.2: an HTTP/1.1 request without Host is refused. HTTP/2 clients
         // name the host in `:authority`, which is the URI's authority here.
-        None if request.version() == Version::HTTP_11 && request.uri().authority().is_none() => {
+        None if version == Version::HTTP_11 && uri.authority().is_none() => {
             return Err(refuse(StatusCode::BAD_REQUEST, "missing Host header"));
         }
         None => {}
@@ -134,17 +168,15 @@ fn plain_authority(value: &[u8]) -> bool {
         && port.iter().all(u8::is_ascii_digit)
 }
 
-fn check_framing(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    let length = lengths.next();
-    if lengths.next().is_some() {
+fn check_framing(fields: &Fields<'_>, http: &HttpSpec) -> Result<(), Refusal> {
+    let length = fields.length.first;
+    if fields.length.repeated {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
             "more than one Content-Length header",
         ));
     }
-    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(encoding) = encodings.next() {
+    if let Some(encoding) = fields.encoding.first {
         if length.is_some() {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
@@ -153,7 +185,7 @@ fn check_framing(headers: &HeaderMap, http: &HttpSpec) -> Result<(), Refusal> {
         }
         // The only transfer coding a request may use here is a single `chunked`; hyper has
         // already refused codings that do not end in it.
-        if encodings.next().is_some() || !encoding.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        if fields.encoding.repeated || !encoding.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "unsupported Transfer-Encoding",
