@@ -222,6 +222,10 @@ struct Conn {
     /// timer of its own would be inserted into Tokio's timer wheel and removed again under its
     /// lock (~600 instructions a request, docs/performance.md "Session 23").
     timer: Pin<Box<Sleep>>,
+    /// When its last request was started, the time its idleness is counted from: that saves a
+    /// clock read when it goes back to the pool. It is judged idle for longer than it was (by
+    /// its last exchange's length), so it is dropped before [`IDLE_TIMEOUT`], never after.
+    started: Instant,
 }
 
 impl Conn {
@@ -277,11 +281,13 @@ impl Pool {
 
     /// Sends `request` and waits for the response head; the body streams from the connection.
     /// `connect_timeout` bounds making a new connection; `deadline` the whole wait for the
-    /// head ([`Error::TimedOut`] past it).
+    /// head ([`Error::TimedOut`] past it). `now` is the caller's reading of the clock as the
+    /// attempt starts, shared so that the pool need not read it again.
     pub async fn send(
         self: &Arc<Self>,
         request: Request<'_>,
         connect_timeout: Duration,
+        now: Instant,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Body>, Error> {
         let head_only = request.method == Method::HEAD;
@@ -292,20 +298,21 @@ impl Pool {
         let message = self.encode(&request);
         let mut fresh_only = false;
         loop {
-            let idle = if fresh_only { None } else { self.take() };
+            let idle = if fresh_only { None } else { self.take(now) };
             let (mut conn, reused) = match idle {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare on a kept-alive pool, and its future (name lookup,
                 // connect, timer) would otherwise make every request's future larger, which is
                 // moved whole as it is built.
                 None => {
-                    let connecting = Box::pin(self.connect(connect_timeout, deadline));
+                    let connecting = Box::pin(self.connect(connect_timeout, now, deadline));
                     match tokio::time::timeout_at(deadline, connecting).await {
                         Ok(connected) => (connected?, false),
                         Err(_) => return Err(Error::TimedOut),
                     }
                 }
             };
+            conn.started = now;
             match exchange(&mut conn, &message, reading, deadline).await {
                 Ok(head) => return Ok(self.response(conn, head)),
                 // The upstream closed an idle connection as it was being reused: it has not
@@ -354,15 +361,16 @@ impl Pool {
         out
     }
 
-    /// An idle connection from this thread's slot that is still open, if there is one.
-    fn take(&self) -> Option<Conn> {
+    /// An idle connection from this thread's slot that is still open, if there is one; `now`
+    /// is the time.
+    fn take(&self, now: Instant) -> Option<Conn> {
         let slot = &self.slots[slot()];
         loop {
             let idle = slot
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_back()?;
-            if idle.since.elapsed() > IDLE_TIMEOUT {
+            if now.saturating_duration_since(idle.since) > IDLE_TIMEOUT {
                 // The newest is too old, so all are.
                 slot.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 return None;
@@ -375,7 +383,8 @@ impl Pool {
 
     /// Gives a connection whose exchange ended cleanly back to this thread's slot.
     fn put(&self, conn: Conn) {
-        let now = Instant::now();
+        // No later than the time: what its last request's start can say without a clock read.
+        let now = conn.started;
         let mut idle = self.slots[slot()]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -383,7 +392,7 @@ impl Pool {
         // large shrinks under steady traffic too.
         if idle
             .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
+            .is_some_and(|oldest| now.saturating_duration_since(oldest.since) > IDLE_TIMEOUT)
         {
             idle.pop_front();
         }
@@ -392,10 +401,11 @@ impl Pool {
         }
     }
 
-    /// A new connection, its exchange timer first set to `deadline`.
+    /// A new connection, its exchange timer first set to `deadline`, started at `now`.
     async fn connect(
         &self,
         timeout: Duration,
+        now: Instant,
         deadline: tokio::time::Instant,
     ) -> Result<Conn, Error> {
         let failed = |source| Error::Connect {
@@ -427,6 +437,7 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            started: now,
         })
     }
 
@@ -521,7 +532,9 @@ async fn exchange(
     reading: Reading,
     deadline: tokio::time::Instant,
 ) -> Result<Head, Failure> {
-    let Conn { stream, buf, timer } = conn;
+    let Conn {
+        stream, buf, timer, ..
+    } = conn;
     timer.as_mut().reset(deadline);
     // Every write wakes the upstream; where it shares a CPU with us, it preempts us there and
     // then, for one request. Yielding once first lets the other requests ready in this turn of

@@ -1197,10 +1197,8 @@ async fn forward(
             match request {
                 // wasmgate's client bounds the wait itself, with a timer kept per connection.
                 Attempt::Native(request) => {
-                    let sending =
-                        target
-                            .pool
-                            .send(request, upstream.connect_timeout(route.client), head_by);
+                    let connect_timeout = upstream.connect_timeout(route.client);
+                    let sending = target.pool.send(request, connect_timeout, sent, head_by);
                     match sending.await {
                         Err(crate::h1::Error::TimedOut) => Err(TimedOut),
                         sent => Ok(sent
