@@ -61,6 +61,10 @@ pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// How much room a read asks for.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// The largest message buffer [`MESSAGE`] keeps (a request with a body may have grown it to
+/// [`MAX_BODY`] and more).
+const KEPT_MESSAGE: usize = 4 * 1024;
+
 // `parse_head` keeps offsets into the read buffer as `u32`.
 const _: () = assert!(MAX_HEAD + READ_CHUNK < u32::MAX as usize);
 
@@ -246,6 +250,13 @@ fn fill(
 }
 
 thread_local! {
+    /// A buffer for the next request message this thread encodes, given back once it is
+    /// written. One allocated and freed per request cost ~100 instructions, and up to ~570
+    /// where mimalloc took its page from the segment and gave it back each time
+    /// (docs/performance.md "Session 24"). While a write waits, another request on the thread
+    /// finds it empty and allocates its own.
+    static MESSAGE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+
     /// This thread's pool slot.
     static SLOT: usize = {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -295,7 +306,6 @@ impl Pool {
             head_only,
             raw_fields: request.raw_fields,
         };
-        let message = self.encode(&request);
         let mut fresh_only = false;
         loop {
             let idle = if fresh_only { None } else { self.take(now) };
@@ -313,7 +323,8 @@ impl Pool {
                 }
             };
             conn.started = now;
-            match exchange(&mut conn, &message, reading, deadline).await {
+            let encode = |message: &mut Vec<u8>| self.encode(&request, message);
+            match exchange(&mut conn, encode, reading, deadline).await {
                 Ok(head) => return Ok(self.response(conn, head)),
                 // The upstream closed an idle connection as it was being reused: it has not
                 // seen the request. Sent again only where doing so twice is harmless anyway.
@@ -325,16 +336,17 @@ impl Pool {
         }
     }
 
-    /// The request line, header fields and body as one buffer.
-    fn encode(&self, request: &Request<'_>) -> Vec<u8> {
+    /// The request line, header fields and body as one message, in `out` (emptied first).
+    fn encode(&self, request: &Request<'_>, out: &mut Vec<u8>) {
         let headers = &*request.headers;
-        let mut out = Vec::with_capacity(256 + headers.len() * 32 + request.body.len());
+        out.clear();
+        out.reserve(256 + headers.len() * 32 + request.body.len());
         out.extend_from_slice(request.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(request.path_and_query.as_str().as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         if !headers.contains_key(HOST) {
-            field(&mut out, b"host", self.authority.as_str().as_bytes());
+            field(out, b"host", self.authority.as_str().as_bytes());
         }
         let mut declared_length = false;
         for (name, value) in headers {
@@ -345,20 +357,19 @@ impl Pool {
             if name == TRANSFER_ENCODING {
                 continue;
             }
-            field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+            field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(forwarded) = request.forwarded {
-            forwarded.write_lines(&mut out);
+            forwarded.write_lines(out);
         }
         // The length is the body's own, whatever a plugin left in the header; a bodiless
         // request says `0` only where the client said so.
         if !request.body.is_empty() || declared_length {
             let length = HeaderValue::from(request.body.len());
-            field(&mut out, b"content-length", length.as_bytes());
+            field(out, b"content-length", length.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&request.body);
-        out
     }
 
     /// An idle connection from this thread's slot that is still open, if there is one; `now`
@@ -525,10 +536,11 @@ impl Drop for InProgress {
     }
 }
 
-/// Writes the request and reads the response head (interim ones skipped), by `deadline`.
+/// Writes the request that `encode` makes on `conn` and reads the response head (interim ones
+/// skipped), by `deadline`.
 async fn exchange(
     conn: &mut Conn,
-    message: &[u8],
+    encode: impl FnOnce(&mut Vec<u8>),
     reading: Reading,
     deadline: tokio::time::Instant,
 ) -> Result<Head, Failure> {
@@ -546,15 +558,22 @@ async fn exchange(
     if IN_PROGRESS.with(Cell::get) > 1 {
         tokio::task::yield_now().await;
     }
+    // Encoded after the yield, so that the thread's buffer is not held across it.
+    let mut message = MESSAGE.take();
+    encode(&mut message);
     // A timeout is never `Unanswered`: the request may have reached the upstream, and is not
     // sent again.
     let timed_out = || Failure::Answering(Error::TimedOut);
     {
-        let mut writing = std::pin::pin!(stream.write_all(message));
+        let mut writing = std::pin::pin!(stream.write_all(message.as_slice()));
         before(timer, |cx| writing.as_mut().poll(cx))
             .await
             .ok_or_else(timed_out)?
             .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
+    }
+    // Written: the buffer serves this thread's next request while this one waits.
+    if message.capacity() <= KEPT_MESSAGE {
+        MESSAGE.set(message);
     }
     let mut answered = false;
     loop {
