@@ -154,7 +154,7 @@ fn check_host(host: Occurrences<'_>, version: Version, uri: &Uri) -> Result<(), 
 /// Whether `value` is plainly an authority without user information: a name of ASCII letters,
 /// digits, dots and hyphens, then perhaps `:` and a port's digits. Everything this accepts,
 /// [`Authority`] accepts too; it costs a scan of the bytes where parsing an `Authority` copies
-/// them (1.6 % of a bare request's instructions, docs/performance.md, session 24).
+/// them (1.3 % of a bare request's instructions, docs/performance.md, session 24).
 fn plain_authority(value: &[u8]) -> bool {
     let (name, port) = match memchr::memchr(b':', value) {
         Some(colon) => (&value[..colon], &value[colon + 1..]),
