@@ -14,6 +14,9 @@
 //!
 //! The C library is mimalloc's v2 line (`libmimalloc-sys` with `v2`): with v3 and this adapter,
 //! a pooled chain's request took a fresh page from the arena and retired it again each time.
+//!
+//! Public so that the hot-path benchmarks run on the allocator the binary does: the costs they
+//! report are the binary's (docs/performance.md, session 25).
 
 #![allow(
     unsafe_code,

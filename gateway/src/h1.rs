@@ -221,10 +221,11 @@ struct Idle {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
-    /// Bounds each exchange on this connection. It stays with the connection: a request sets
-    /// it to a later deadline than the last, which Tokio does with one atomic update, where a
-    /// timer of its own would be inserted into Tokio's timer wheel and removed again under its
-    /// lock (~600 instructions a request, docs/performance.md "Session 23").
+    /// Bounds each exchange on this connection. It stays with the connection, where a timer of
+    /// its own per request would be inserted into Tokio's timer wheel and removed again under
+    /// its lock (~600 instructions a request, docs/performance.md "Session 23"), and it is
+    /// moved only to an earlier deadline: one that is later waits for the timer to fire at the
+    /// one it has ([`expired`]), which happens once a timeout's length, not once a request.
     timer: Pin<Box<Sleep>>,
     /// When its last request was started, the time its idleness is counted from: that saves a
     /// clock read when it goes back to the pool. It is judged idle for longer than it was (by
@@ -547,7 +548,9 @@ async fn exchange(
     let Conn {
         stream, buf, timer, ..
     } = conn;
-    timer.as_mut().reset(deadline);
+    if deadline < timer.deadline() {
+        timer.as_mut().reset(deadline);
+    }
     // Every write wakes the upstream; where it shares a CPU with us, it preempts us there and
     // then, for one request. Yielding once first lets the other requests ready in this turn of
     // the event loop reach their writes too, so that the upstream wakes once for several of
@@ -566,7 +569,7 @@ async fn exchange(
     let timed_out = || Failure::Answering(Error::TimedOut);
     {
         let mut writing = std::pin::pin!(stream.write_all(message.as_slice()));
-        before(timer, |cx| writing.as_mut().poll(cx))
+        before(timer, deadline, |cx| writing.as_mut().poll(cx))
             .await
             .ok_or_else(timed_out)?
             .map_err(|err| Failure::Unanswered(Error::Io(err)))?;
@@ -586,7 +589,7 @@ async fn exchange(
                 return Err(Failure::Answering(Error::Head("response head too large")));
             }
         }
-        let read = before(timer, |cx| fill(stream, buf, cx))
+        let read = before(timer, deadline, |cx| fill(stream, buf, cx))
             .await
             .ok_or_else(timed_out)?;
         let failed = |err| match answered {
@@ -601,17 +604,36 @@ async fn exchange(
     }
 }
 
-/// Polls `work` to its end, or `None` if `timer` fires first. The timer is looked at only while
-/// the work waits: a write or read that is ready at once costs no timer poll.
+/// Polls `work` to its end, or `None` if `deadline` passes first. The timer is looked at only
+/// while the work waits: a write or read that is ready at once costs no timer poll.
 async fn before<T>(
     timer: &mut Pin<Box<Sleep>>,
+    deadline: tokio::time::Instant,
     mut work: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> Option<T> {
     std::future::poll_fn(|cx| match work(cx) {
-        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+        Poll::Pending => expired(timer.as_mut(), deadline, cx).map(|()| None),
         Poll::Ready(done) => Poll::Ready(Some(done)),
     })
     .await
+}
+
+/// Polls `timer` as the timer of `deadline`, which it may be set before but never after: ready
+/// once `deadline` has passed. A timer kept across requests is set this way lazily: when it
+/// fires at an earlier deadline, it is moved to this one then, instead of at every request
+/// (`Sleep::reset` turns the deadline into a tick of Tokio's wheel, ~120 instructions).
+pub(crate) fn expired(
+    mut timer: Pin<&mut Sleep>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        std::task::ready!(timer.as_mut().poll(cx));
+        if timer.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        timer.as_mut().reset(deadline);
+    }
 }
 
 /// How the body of a response is delimited.

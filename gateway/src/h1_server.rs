@@ -117,13 +117,15 @@ impl Connection<'_> {
     {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = Vec::with_capacity(1024);
-        // One timer and one cancellation waiter for the whole connection, reset per request,
-        // rather than one of each registered per request.
+        // One timer and one cancellation waiter for the whole connection, rather than one of
+        // each registered per request. Each request's head is waited for until `head_deadline`;
+        // the timer is moved to it only when it fires at an earlier one (`h1::expired`).
         let head_wait = self
             .limits
             .header_read_timeout
             .min(self.limits.idle_timeout);
-        let mut timer = pin!(tokio::time::sleep(head_wait));
+        let mut head_deadline = Instant::now() + head_wait;
+        let mut timer = pin!(tokio::time::sleep_until(head_deadline));
         let mut stopped = pin!(self.stop.cancelled());
         loop {
             let head = loop {
@@ -137,13 +139,16 @@ impl Connection<'_> {
                     Parsed::Partial => {}
                 }
                 buf.reserve(READ_CHUNK);
+                let late = std::future::poll_fn(|cx| {
+                    crate::h1::expired(timer.as_mut(), head_deadline, cx)
+                });
                 tokio::select! {
                     biased;
                     read = io.read_buf(&mut buf) => match read {
                         Ok(0) | Err(_) => return Outcome::Closed,
                         Ok(_) => {}
                     },
-                    () = timer.as_mut() => {
+                    () = late => {
                         tracing::debug!(client = %self.peer.client.addr(), "request head not received in time");
                         return Outcome::Closed;
                     }
@@ -177,7 +182,7 @@ impl Connection<'_> {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
             }
-            timer.as_mut().reset(Instant::now() + head_wait);
+            head_deadline = Instant::now() + head_wait;
         }
     }
 }

@@ -18,6 +18,7 @@
 
 mod admin;
 pub mod admission;
+pub mod allocator;
 pub mod body;
 pub mod cli;
 pub mod forwarded;

@@ -20,6 +20,12 @@ use wasmgate::runtime::{
     Runtime,
 };
 
+/// The binary's allocator: a plugin call allocates on both sides of the sandbox (the exchange,
+/// strings lifted out of the guest), and what that costs is the binary's, not the system
+/// allocator's.
+#[global_allocator]
+static ALLOCATOR: wasmgate::allocator::MiMalloc = wasmgate::allocator::MiMalloc;
+
 /// api-key's benchmark configuration: one consumer, whose key is `bench-key` (its SHA-256).
 const API_KEY_CONFIG: &str = r#"{"keys":[{"consumer":"bench","sha256":"b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7"}]}"#;
 

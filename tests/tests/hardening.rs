@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wasmgate_tests::{TestGateway, TestUpstream, raw_exchange, raw_status, raw_statuses};
+use wasmgate_tests::{
+    TestGateway, TestUpstream, http1_connection, raw_exchange, raw_status, raw_statuses,
+};
 
 const QUIET: Duration = Duration::from_millis(1500);
 
@@ -346,6 +348,39 @@ async fn path_rules_are_configurable() {
     let response = raw_exchange(gateway.addr, request.as_bytes(), QUIET).await;
     assert_eq!(raw_status(&response), 200, "{response}");
     assert_eq!(upstream.last().uri, "/files//a%2Fb/c%5Cd");
+}
+
+#[tokio::test]
+async fn each_request_head_is_waited_for_from_the_response_before_it() {
+    // A connection keeps one head-wait timer, moved to a request's deadline only when it fires
+    // at an earlier one. Its first deadline is 600 ms from the accept; the second head comes
+    // after that, but within 600 ms of the first response, and must be served.
+    let upstream = TestUpstream::start("main").await;
+    let http = "header_read_timeout: 600ms, idle_timeout: 600ms";
+    let gateway = TestGateway::start(&manifest(&upstream, http)).await;
+    let (mut sender, connection) =
+        http1_connection::<http_body_util::Empty<bytes::Bytes>>(gateway.addr).await;
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "x")
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    for path in ["/first", "/second"] {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let response = sender.send_request(get(path)).await;
+        let response = response.unwrap_or_else(|err| panic!("{path}: {err}"));
+        assert_eq!(response.status(), 200, "{path}");
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+    }
+    assert_eq!(upstream.seen().len(), 2);
+    // Left idle, it is still closed.
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
 }
 
 #[tokio::test]

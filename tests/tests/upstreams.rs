@@ -272,11 +272,11 @@ async fn upstream_failures_map_to_502_504_and_never_pass_as_complete() {
 
 #[tokio::test]
 async fn a_kept_alive_connection_bounds_each_request_by_its_own_deadline() {
-    // wasmgate's client keeps one timer per upstream connection and sets it again for each
-    // request on it: to a later deadline, to an earlier one, and to one later than a deadline
-    // the timer was already waiting for. Routes differ only in their timeout, so they share
-    // the upstream's pool, and the gateway serves on the test's one thread, so on one
-    // connection while it stays open.
+    // wasmgate's client keeps one timer per upstream connection, moved to an earlier deadline
+    // at once and to a later one only when it fires at the one it has: a later deadline, an
+    // earlier one, and one later than a deadline the timer was already waiting for. Routes
+    // differ only in their timeout, so they share the upstream's pool, and the gateway serves
+    // on the test's one thread, so on one connection while it stays open.
     let upstream = TestUpstream::start("main").await;
     let routes = "  - { name: patient, match: { prefix: /delay/30 }, upstream: main, timeout: 10s }\n  - { name: hasty, match: { prefix: /delay/1500 }, upstream: main, timeout: 300ms }\n  - { name: quick, match: { prefix: /delay/0 }, upstream: main, timeout: 200ms }\n  - { name: middling, match: { prefix: /delay/1600 }, upstream: main, timeout: 700ms }\n";
     let gateway = TestGateway::start(&one_upstream(&upstream, routes)).await;
