@@ -89,7 +89,9 @@ pub(crate) struct Connection<'a> {
 
 /// A request head this server serves.
 struct Head {
-    request: Request<RequestBody>,
+    /// Boxed: a request is a few hundred bytes, and on its way from the parser into
+    /// `proxy::handle`'s future it would be copied at each of eight moves.
+    request: Box<Request<RequestBody>>,
     /// The declared body length (at most `h1::MAX_BODY`).
     length: usize,
     /// The client asked for the connection to close after the response.
@@ -273,7 +275,7 @@ fn build(
     method: Method,
     (path_start, path_end): (u32, u32),
     spans: &[(u32, u32, u32, u32)],
-) -> Option<Request<RequestBody>> {
+) -> Option<Box<Request<RequestBody>>> {
     let uri = Uri::from_maybe_shared(head.slice(path_start as usize..path_end as usize)).ok()?;
     // Room for the fields the gateway adds (`x-request-id`, the forwarding fields), so the map
     // does not grow on the way.
@@ -285,7 +287,7 @@ fn build(
                 .ok()?;
         headers.append(name, value);
     }
-    let mut request = Request::new(RequestBody::Whole(Bytes::new()));
+    let mut request = Box::new(Request::new(RequestBody::Whole(Bytes::new())));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;

@@ -321,7 +321,7 @@ impl Connection {
             let upgrade = wants_upgrade(&request);
             let is_connect = request.method() == Method::CONNECT;
             let peer = peer.clone();
-            let request = request.map(RequestBody::Hyper);
+            let request = Box::new(request.map(RequestBody::Hyper));
             async move {
                 let mut response = crate::proxy::handle(snapshot, request, peer).await;
                 if upgrade && !upgraded(&response, is_connect) {

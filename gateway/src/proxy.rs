@@ -62,7 +62,7 @@ pub struct Peer {
 /// ([`route_request`], [`prepare_upstream`]); the chain, larger still, is boxed.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
-    mut request: Request<RequestBody>,
+    mut request: Box<Request<RequestBody>>,
     peer: Peer,
 ) -> Response<ResponseBody> {
     let _in_progress = crate::h1::InProgress::enter();
@@ -85,14 +85,14 @@ pub async fn handle(
     };
     let method = request.method().clone();
     ids.trace.routed(&method, &route.name, ids.request_id());
-    let (mut parts, body) = request.into_parts();
+    let (mut parts, body) = (*request).into_parts();
     let (upgrade, mut forwarding) = prepare_upstream(&mut parts, &snapshot, &peer, &ids);
     // A chain of fixed edits only is made on the way, without the chain's bookkeeping, when
     // no edit can meet a plugin's header cap.
     let bare = route.chain.is_empty()
         || route.fixed_only
             && fixed_request(route, &mut parts.headers, &mut forwarding, &peer.client);
-    let response = if bare {
+    let mut response = if bare {
         let limit = snapshot.http.max_request_body.0;
         let response = match OutgoingBody::read_client(body, &parts.headers, None, limit).await {
             Ok(body) => {
@@ -142,8 +142,6 @@ pub async fn handle(
         .metrics
         .answered(&method, response.status(), received.elapsed());
     ChainLink::make_ahead(&route.chain);
-    // In place: a response is a few hundred bytes, copied at every move.
-    let mut response = response;
     ids.finish(&mut response);
     response
 }
