@@ -1187,7 +1187,9 @@ async fn forward(
             None => now + route.timeout,
         };
         let sent = now.into_std();
-        let outcome: Result<Result<Response<Stream>, BoxError>, TimedOut> = {
+        // One level of `Result`: each level is another copy of the response as it is built
+        // and taken apart.
+        let outcome: Result<Response<Stream>, Unanswered> = {
             let _outstanding = upstream.begin(index);
             // Each client's future is awaited here rather than in an `async fn` of the attempt:
             // every level of `async fn` is a future built and then moved whole into its
@@ -1198,30 +1200,28 @@ async fn forward(
                     let connect_timeout = upstream.connect_timeout(route.client);
                     let sending = target.pool.send(request, connect_timeout, sent, head_by);
                     match sending.await {
-                        Err(crate::h1::Error::TimedOut) => Err(TimedOut),
-                        sent => Ok(sent
-                            .map(|head| head.map(Stream::from))
-                            .map_err(BoxError::from)),
+                        Ok(head) => Ok(head.map(Stream::from)),
+                        Err(crate::h1::Error::TimedOut) => Err(Unanswered::TimedOut),
+                        Err(err) => Err(Unanswered::Failed(err.into())),
                     }
                 }
                 Attempt::Hyper(request) => {
                     let sending = upstream.client(route.client).request(*request);
                     match tokio::time::timeout_at(head_by, sending).await {
-                        Ok(sent) => Ok(sent
-                            .map(|head| head.map(Stream::from))
-                            .map_err(BoxError::from)),
-                        Err(_) => Err(TimedOut),
+                        Ok(Ok(head)) => Ok(head.map(Stream::from)),
+                        Ok(Err(err)) => Err(Unanswered::Failed(err.into())),
+                        Err(_) => Err(Unanswered::TimedOut),
                     }
                 }
             }
         };
         target.duration.observe(sent.elapsed().as_secs_f64());
         let attempt_failure = match outcome {
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 upstream.succeeded(index);
                 return answer(route, response, upgrade.take(), deadline, ids, target);
             }
-            Ok(Err(err)) => match BodyError::find(&*err) {
+            Err(Unanswered::Failed(err)) => match BodyError::find(&*err) {
                 Some(BodyError::TooLarge(_)) => {
                     tracing::debug!(
                         route = &*route.name,
@@ -1248,7 +1248,7 @@ async fn forward(
                     AttemptFailure::Transport
                 }
             },
-            Err(TimedOut) => {
+            Err(Unanswered::TimedOut) => {
                 upstream.failed(index);
                 let timeout = head_by.saturating_duration_since(now);
                 tracing::warn!(route = &*route.name, upstream = %upstream.name, target = authority, request_id, trace_id, timeout = ?timeout, "upstream timed out");
@@ -1276,8 +1276,13 @@ async fn forward(
     gateway_error(status, reason)
 }
 
-/// No response head from the upstream by the attempt's deadline.
-struct TimedOut;
+/// Why an attempt has no response head.
+enum Unanswered {
+    /// None by the attempt's deadline.
+    TimedOut,
+    /// The request or the connection failed.
+    Failed(BoxError),
+}
 
 /// Whether a client error is a connect timeout (504 rather than 502).
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
