@@ -106,7 +106,7 @@ pub async fn handle(
                 // No plugin reads the request: its forwarding headers are written as it is sent.
                 outgoing.forwarding = forwarding.as_ref().map(|f| f.fields(&peer.client));
                 // No plugin reads the response: its head may pass through as it came.
-                forward(route, outgoing, upgrade, &ids, peer.raw_heads).await
+                forward(route, &mut outgoing, upgrade, &ids, peer.raw_heads).await
             }
             Err(refusal) => refusal,
         };
@@ -389,7 +389,7 @@ async fn run_chain(
                     let sent = Instant::now();
                     // The upstream's fields may come as bytes: the response phase reads and edits
                     // them through `Exchange::response_mut`, which maps them only then.
-                    let response = forward(route, outgoing, upgrade, ids, raw_heads).await;
+                    let response = forward(route, &mut outgoing, upgrade, ids, raw_heads).await;
                     exchange
                         .properties
                         .insert(UPSTREAM_MS, millis(sent.elapsed()));
@@ -1125,9 +1125,13 @@ enum AttemptFailure {
 /// failures: no target in rotation 503, refused or reset 502, timed out 504. `raw_fields`: the
 /// response is passed on unread by wasmgate's own server side, so wasmgate's own client may
 /// hand its fields back as bytes ([`crate::h1::RawFields`]).
+///
+/// `outgoing` is borrowed, not moved in: it is a few hundred bytes, and the future of an `async
+/// fn` holds its arguments, so it would be copied as the future is built, again as it is
+/// awaited, and once more into the future's own state.
 async fn forward(
     route: &Route,
-    mut outgoing: Outgoing<'_>,
+    outgoing: &mut Outgoing<'_>,
     mut upgrade: Option<Upgrade>,
     ids: &RequestIds,
     raw_fields: bool,
