@@ -297,7 +297,7 @@ impl Pool {
     /// attempt starts, shared so that the pool need not read it again.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<'_>,
+        request: &Request<'_>,
         connect_timeout: Duration,
         now: Instant,
         deadline: tokio::time::Instant,
@@ -324,7 +324,7 @@ impl Pool {
                 }
             };
             conn.started = now;
-            let encode = |message: &mut Vec<u8>| self.encode(&request, message);
+            let encode = |message: &mut Vec<u8>| self.encode(request, message);
             match exchange(&mut conn, encode, reading, deadline).await {
                 Ok(head) => return Ok(self.response(conn, head)),
                 // The upstream closed an idle connection as it was being reused: it has not

@@ -110,7 +110,7 @@ pub async fn handle(
                 // No plugin reads the response: its head may pass through as it came.
                 forward(route, &mut outgoing, upgrade, &ids, peer.raw_heads).await
             }
-            Err(refusal) => refusal,
+            Err(refusal) => *refusal,
         };
         match route.fixed_only {
             true => fixed_response(route, response.map(Into::into), &ids),
@@ -266,7 +266,7 @@ async fn run_chain(
         let max = snapshot.max_body.min(snapshot.http.max_request_body.0);
         match buffer_body(&exchange.request.headers, incoming, max).await {
             Ok(bytes) => exchange.body = Some(bytes),
-            Err(response) => return response.map(Into::into),
+            Err(response) => return (*response).map(Into::into),
         }
     }
 
@@ -399,7 +399,7 @@ async fn run_chain(
                 }
                 // The client's body could not be read: answered like any gateway error, the
                 // response phase included.
-                Err(refusal) => refusal,
+                Err(refusal) => *refusal,
             }
         }
     };
@@ -850,13 +850,21 @@ fn on_failure(
     Some(response)
 }
 
+/// The refusal of a request body over its limit.
+fn too_large() -> Refusal {
+    Box::new(gateway_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large",
+    ))
+}
+
+/// A client's request answered before it goes upstream (a body too large or unreadable).
+/// Boxed: it is the rare outcome, and inline it made every `Result` that carries it a response's
+/// size, copied whole at each step of the common path's return.
+type Refusal = Box<Response<ProxyBody>>;
+
 /// Reads a whole request body for the plugins that asked for it, up to `max` bytes.
-async fn buffer_body(
-    headers: &HeaderMap,
-    body: RequestBody,
-    max: u64,
-) -> Result<Bytes, Response<ProxyBody>> {
-    let too_large = || gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+async fn buffer_body(headers: &HeaderMap, body: RequestBody, max: u64) -> Result<Bytes, Refusal> {
     let body = match body {
         RequestBody::Whole(bytes) if bytes.len() as u64 > max => return Err(too_large()),
         RequestBody::Whole(bytes) => return Ok(bytes),
@@ -874,10 +882,10 @@ async fn buffer_body(
         Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(err) => {
             tracing::debug!(error = %err, "client body read failed");
-            Err(gateway_error(
+            Err(Box::new(gateway_error(
                 StatusCode::BAD_REQUEST,
                 "request body could not be read",
-            ))
+            )))
         }
     }
 }
@@ -934,14 +942,13 @@ impl OutgoingBody {
         headers: &HeaderMap,
         counter: Option<Arc<AtomicU64>>,
         limit: u64,
-    ) -> Result<OutgoingBody, Response<ProxyBody>> {
+    ) -> Result<OutgoingBody, Refusal> {
         let incoming = match body {
             RequestBody::Hyper(incoming) => incoming,
-            // Read whole already (at most `h1::MAX_BODY`); only the limit is left to check.
-            whole @ RequestBody::Whole(_) => {
-                let bytes = buffer_body(headers, whole, limit).await?;
-                return Ok(OutgoingBody::Replayable(bytes, counter));
-            }
+            // Read whole already (at most `h1::MAX_BODY`); only the limit is left to check,
+            // here rather than in `buffer_body`, whose future would be built and polled for it.
+            RequestBody::Whole(bytes) if bytes.len() as u64 > limit => return Err(too_large()),
+            RequestBody::Whole(bytes) => return Ok(OutgoingBody::Replayable(bytes, counter)),
         };
         let small = http_body::Body::size_hint(&incoming)
             .exact()
@@ -1202,7 +1209,8 @@ async fn forward(
             // caller's, once per request.
             match request {
                 // wasmgate's client bounds the wait itself, with a timer kept per connection.
-                Attempt::Native(request) => {
+                // Borrowed: moved into the client's future, the request was copied twice more.
+                Attempt::Native(ref request) => {
                     let connect_timeout = upstream.connect_timeout(route.client);
                     let sending = target.pool.send(request, connect_timeout, sent, head_by);
                     match sending.await {
