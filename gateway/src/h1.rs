@@ -291,17 +291,22 @@ impl Pool {
         }
     }
 
-    /// Sends `request` and waits for the response head; the body streams from the connection.
-    /// `connect_timeout` bounds making a new connection; `deadline` the whole wait for the
-    /// head ([`Error::TimedOut`] past it). `now` is the caller's reading of the clock as the
-    /// attempt starts, shared so that the pool need not read it again.
-    pub async fn send(
+    /// Sends `request` and waits for the response head; the body streams from the connection,
+    /// in whatever `wrap` makes of it. `connect_timeout` bounds making a new connection;
+    /// `deadline` the whole wait for the head ([`Error::TimedOut`] past it). `now` is the
+    /// caller's reading of the clock as the attempt starts, shared so that the pool need not
+    /// read it again.
+    ///
+    /// The body is wrapped as the response is made: a response is a few hundred bytes, and
+    /// each conversion of its body after it returns (`Response::map`) copies it whole.
+    pub async fn send<B>(
         self: &Arc<Self>,
         request: &Request<'_>,
         connect_timeout: Duration,
         now: Instant,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<Body>, Error> {
+        wrap: impl FnOnce(Body) -> B,
+    ) -> Result<Response<B>, Error> {
         let head_only = request.method == Method::HEAD;
         let reading = Reading {
             head_only,
@@ -326,7 +331,7 @@ impl Pool {
             conn.started = now;
             let encode = |message: &mut Vec<u8>| self.encode(request, message);
             match exchange(&mut conn, encode, reading, deadline).await {
-                Ok(head) => return Ok(self.response(conn, head)),
+                Ok(head) => return Ok(self.response(conn, head, wrap)),
                 // The upstream closed an idle connection as it was being reused: it has not
                 // seen the request. Sent again only where doing so twice is harmless anyway.
                 Err(Failure::Unanswered(_)) if reused && request.method.is_idempotent() => {
@@ -454,7 +459,12 @@ impl Pool {
     }
 
     /// The response for a parsed head, its body reading from `conn`.
-    fn response(self: &Arc<Self>, conn: Conn, head: Head) -> Response<Body> {
+    fn response<B>(
+        self: &Arc<Self>,
+        conn: Conn,
+        head: Head,
+        wrap: impl FnOnce(Body) -> B,
+    ) -> Response<B> {
         let state = match head.framing {
             Framing::Length(0) => State::Done,
             Framing::Length(left) => State::Length(left),
@@ -471,7 +481,7 @@ impl Pool {
         if matches!(body.state, State::Done) {
             body.finish();
         }
-        let mut response = Response::new(body);
+        let mut response = Response::new(wrap(body));
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;

@@ -26,8 +26,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{
-    AfterBody, BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, Stream,
-    UpstreamBody, full, streamed, streamed_until,
+    AfterBody, BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, UpstreamBody,
+    full, streamed, streamed_until,
 };
 use crate::forwarded::ClientAddr;
 use crate::h1::RawFields;
@@ -1202,7 +1202,7 @@ async fn forward(
         let sent = now.into_std();
         // One level of `Result`: each level is another copy of the response as it is built
         // and taken apart.
-        let outcome: Result<Response<Stream>, Unanswered> = {
+        let outcome: Result<Response<ProxyBody>, Unanswered> = {
             let _outstanding = upstream.begin(index);
             // Each client's future is awaited here rather than in an `async fn` of the attempt:
             // every level of `async fn` is a future built and then moved whole into its
@@ -1210,11 +1210,19 @@ async fn forward(
             match request {
                 // wasmgate's client bounds the wait itself, with a timer kept per connection.
                 // Borrowed: moved into the client's future, the request was copied twice more.
+                // Its response is made with the body the client gets: it carries no upgrade
+                // (`native` above) nor hop-by-hop fields (left out as the head is parsed).
                 Attempt::Native(ref request) => {
                     let connect_timeout = upstream.connect_timeout(route.client);
-                    let sending = target.pool.send(request, connect_timeout, sent, head_by);
+                    let wrap = |body: crate::h1::Body| match deadline {
+                        Some(deadline) => streamed_until(body, deadline),
+                        None => streamed(body),
+                    };
+                    let sending = target
+                        .pool
+                        .send(request, connect_timeout, sent, head_by, wrap);
                     match sending.await {
-                        Ok(head) => Ok(head.map(Stream::from)),
+                        Ok(response) => Ok(response),
                         Err(crate::h1::Error::TimedOut) => Err(Unanswered::TimedOut),
                         Err(err) => Err(Unanswered::Failed(err.into())),
                     }
@@ -1222,7 +1230,9 @@ async fn forward(
                 Attempt::Hyper(request) => {
                     let sending = upstream.client(route.client).request(*request);
                     match tokio::time::timeout_at(head_by, sending).await {
-                        Ok(Ok(head)) => Ok(head.map(Stream::from)),
+                        Ok(Ok(head)) => {
+                            Ok(answer(route, head, upgrade.take(), deadline, ids, target))
+                        }
                         Ok(Err(err)) => Err(Unanswered::Failed(err.into())),
                         Err(_) => Err(Unanswered::TimedOut),
                     }
@@ -1233,7 +1243,7 @@ async fn forward(
         let attempt_failure = match outcome {
             Ok(response) => {
                 upstream.succeeded(index);
-                return answer(route, response, upgrade.take(), deadline, ids, target);
+                return response;
             }
             Err(Unanswered::Failed(err)) => match BodyError::find(&*err) {
                 Some(BodyError::TooLarge(_)) => {
@@ -1304,11 +1314,12 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
         .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
-/// Turns the upstream's response into the one for the client: hop-by-hop headers stripped,
-/// the body held to the request deadline, an agreed upgrade tunnelled.
+/// Turns the response hyper's client read into the one for the client: hop-by-hop headers
+/// stripped, the body held to the request deadline, an agreed upgrade tunnelled. (wasmgate's
+/// own client makes its responses ready as it reads them: [`forward`].)
 fn answer(
     route: &Route,
-    mut response: Response<Stream>,
+    mut response: Response<Incoming>,
     upgrade: Option<Upgrade>,
     deadline: Option<tokio::time::Instant>,
     ids: &RequestIds,
@@ -1320,10 +1331,7 @@ fn answer(
     let protocol = switching
         .then(|| parts.headers.get(UPGRADE).cloned())
         .flatten();
-    // wasmgate's own client leaves hop-by-hop fields out as it parses the head.
-    if !matches!(body, Stream::Native(_)) {
-        strip_hop_by_hop(&mut parts.headers);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     match (upstream_side, upgrade, protocol) {
         (None, _, _) => {
             let body = match deadline {
