@@ -177,9 +177,11 @@ impl Connection<'_> {
             }
             let head_only = request.method() == Method::HEAD;
             let snapshot = self.shared.snapshot.load_full();
-            let response = crate::proxy::handle(snapshot, request, self.peer.clone()).await;
+            let mut response = crate::proxy::handle(snapshot, request, self.peer.clone()).await;
             let keep_alive = !close && !self.stop.is_cancelled();
-            let kept = write_response(io, &mut out, response, head_only, keep_alive).await;
+            let kept = write_response(io, &mut out, &mut response, head_only, keep_alive).await;
+            // Its body's end (the completion phase) is reported before anything else waits.
+            drop(response);
             if !kept {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
@@ -306,19 +308,20 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response`; returns whether the connection can carry another request.
+/// Writes `response`; returns whether the connection can carry another request. Borrowed: a
+/// response is a few hundred bytes, and taken by value it was copied into this future and out
+/// again as it was taken apart.
 async fn write_response<I>(
     io: &mut I,
     out: &mut Vec<u8>,
-    response: Response<ResponseBody>,
+    response: &mut Response<ResponseBody>,
     head_only: bool,
     mut keep_alive: bool,
 ) -> bool
 where
     I: AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
-    let status = parts.status;
+    let status = response.status();
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -332,7 +335,7 @@ where
         || status == StatusCode::NOT_MODIFIED;
     let mut declared = None;
     let mut dated = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in response.headers() {
         if *name == CONTENT_LENGTH {
             match crate::h1::parse_length(value.as_bytes()) {
                 // A second, different length cannot both be right: the first one frames.
@@ -361,6 +364,7 @@ where
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    let body = response.body_mut();
     // An upstream head passed through as bytes (a route without plugins): its fields follow
     // the gateway's own (`x-request-id`), which are all the map then holds.
     if let Some(raw) = body.take_raw_fields() {
@@ -395,13 +399,13 @@ where
         loop {
             // What the body has ready is gathered with the head; before waiting for more,
             // what is gathered goes out.
-            let frame = match poll_now(&mut body) {
+            let frame = match poll_now(body) {
                 Some(frame) => frame,
                 None => {
                     if !out.is_empty() && write(io, out).await.is_err() {
                         return false;
                     }
-                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
                 }
             };
             let data = match frame {
