@@ -22,18 +22,18 @@ pub(super) const MAX_PROPERTIES: usize = 64;
 const MAX_PREPARED: usize = 16;
 
 /// The values of `keys` in one buffer, as `properties.get-many` lays them out.
-fn values_of(exchange: &Exchange, keys: &[String]) -> Vec<u8> {
+fn values_of<'e>(keys: impl ExactSizeIterator<Item = Option<&'e str>>) -> Vec<u8> {
     let mut out = Vec::with_capacity(keys.len() * 24);
-    for key in keys {
-        push_property(&mut out, exchange, key);
+    for value in keys {
+        push_property(&mut out, value);
     }
     out
 }
 
 /// One key's entry as `properties.get-many` lays it out (and `handler-with-values` too): `0`, or
 /// `1`, the value's length as four bytes little-endian, and its UTF-8 bytes.
-pub(super) fn push_property(out: &mut Vec<u8>, exchange: &Exchange, key: &str) {
-    match property(exchange, key) {
+pub(super) fn push_property(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
         None => out.push(0),
         Some(value) => {
             // Values are at most 16 KiB (properties) or a request's URI: u32 holds them.
@@ -380,7 +380,8 @@ impl properties::Host for PluginState {
             );
             return Err(self.fail(FailureKind::Cap, detail));
         }
-        Ok(values_of(self.exchange()?, &keys))
+        let exchange = self.exchange()?;
+        Ok(values_of(keys.iter().map(|key| property(exchange, key))))
     }
 
     fn prepare(&mut self, keys: Vec<String>) -> Result<u32> {
@@ -396,7 +397,8 @@ impl properties::Host for PluginState {
             let detail = format!("more than {MAX_PREPARED} prepared key lists in one instance");
             return Err(self.fail(FailureKind::Cap, detail));
         }
-        self.prepared.push(keys.into_boxed_slice());
+        self.prepared
+            .push(keys.into_iter().map(PropertyKey::new).collect());
         Ok((self.prepared.len() - 1) as u32)
     }
 
@@ -408,7 +410,9 @@ impl properties::Host for PluginState {
         }
         // Taken out for the call, so that the exchange can be borrowed beside it.
         let list = std::mem::take(&mut self.prepared[keys as usize]);
-        let out = self.exchange().map(|exchange| values_of(exchange, &list));
+        let out = self
+            .exchange()
+            .map(|exchange| values_of(list.iter().map(|key| key.value(exchange))));
         self.prepared[keys as usize] = list;
         out
     }
@@ -438,15 +442,76 @@ impl properties::Host for PluginState {
 /// A property's value: one set along the chain or by the gateway, or one of the request's own
 /// fields (`wasmgate.method` and the others the contract lists), read from the request itself.
 pub(super) fn property<'e>(exchange: &'e Exchange, key: &str) -> Option<&'e str> {
-    let request = &exchange.request;
-    match key.strip_prefix("wasmgate.") {
-        Some("method") => Some(request.method.as_str()),
-        Some("path") => Some(request.uri.path()),
-        Some("query") => request.uri.query(),
-        Some("route") => Some(&exchange.route),
-        Some("client_addr") => Some(exchange.client.text()),
-        Some("request_id") => Some(exchange.request_id()),
-        _ => exchange.properties.get(key),
+    match RequestField::named(key) {
+        Some(field) => field.value(exchange),
+        None => exchange.properties.get(key),
+    }
+}
+
+/// A property key a plugin names for every call (its reads, a prepared list), told apart once:
+/// one of the request's own fields, or a property set along the chain. Told apart at each
+/// read, a logger's dozen keys cost a dozen name comparisons a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum PropertyKey {
+    /// One of the request's own fields.
+    Field(RequestField),
+    /// A property set along the chain or by the gateway.
+    Set(Box<str>),
+}
+
+impl PropertyKey {
+    /// The key, told apart.
+    pub(super) fn new(key: String) -> PropertyKey {
+        match RequestField::named(&key) {
+            Some(field) => PropertyKey::Field(field),
+            None => PropertyKey::Set(key.into_boxed_str()),
+        }
+    }
+
+    /// Its value for `exchange`, as [`property`] reads it.
+    pub(super) fn value<'e>(&self, exchange: &'e Exchange) -> Option<&'e str> {
+        match self {
+            PropertyKey::Field(field) => field.value(exchange),
+            PropertyKey::Set(key) => exchange.properties.get(key),
+        }
+    }
+}
+
+/// The request's own fields that read as properties (`wasmgate.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RequestField {
+    Method,
+    Path,
+    Query,
+    Route,
+    ClientAddr,
+    RequestId,
+}
+
+impl RequestField {
+    /// The field a property key names, if it names one.
+    fn named(key: &str) -> Option<RequestField> {
+        Some(match key.strip_prefix("wasmgate.")? {
+            "method" => RequestField::Method,
+            "path" => RequestField::Path,
+            "query" => RequestField::Query,
+            "route" => RequestField::Route,
+            "client_addr" => RequestField::ClientAddr,
+            "request_id" => RequestField::RequestId,
+            _ => return None,
+        })
+    }
+
+    fn value(self, exchange: &Exchange) -> Option<&str> {
+        let request = &exchange.request;
+        match self {
+            RequestField::Method => Some(request.method.as_str()),
+            RequestField::Path => Some(request.uri.path()),
+            RequestField::Query => request.uri.query(),
+            RequestField::Route => Some(&exchange.route),
+            RequestField::ClientAddr => Some(exchange.client.text()),
+            RequestField::RequestId => Some(exchange.request_id()),
+        }
     }
 }
 

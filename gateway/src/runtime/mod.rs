@@ -1485,7 +1485,7 @@ pub struct PluginState {
     /// A breach recorded by a host call, which then traps.
     failure: Option<(FailureKind, String)>,
     /// Key lists the plugin prepared (`properties.prepare`), by handle, for the instance's life.
-    prepared: Vec<Box<[String]>>,
+    prepared: Vec<Box<[host::PropertyKey]>>,
     limiter: Limiter,
     /// Made at the instance's first WASI call: building one costs ~2k instructions (its random
     /// sources are seeded, and `build` leaves a fresh builder behind, seeded too), and a plugin

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use http::{HeaderMap, HeaderName};
 
 use super::exchange::{Exchange, Phase};
-use super::host::{MAX_PROPERTIES, MAX_PROPERTY_KEY, push_property};
+use super::host::{MAX_PROPERTIES, MAX_PROPERTY_KEY, PropertyKey, push_property};
 
 /// Most names in each list of a plugin's reads (the same bound as a request's properties).
 const MAX_READS: usize = MAX_PROPERTIES;
@@ -26,7 +26,7 @@ pub struct ReadSet {
     /// Whether `request_headers` names a forwarding header (`X-Forwarded-For` and the others).
     reads_forwarding: bool,
     response_headers: Box<[HeaderName]>,
-    properties: Box<[Box<str>]>,
+    properties: Box<[PropertyKey]>,
 }
 
 impl ReadSet {
@@ -80,7 +80,7 @@ impl ReadSet {
             reads_forwarding: request_headers.iter().any(crate::forwarded::is_forwarding),
             request_headers,
             response_headers,
-            properties: properties.into_iter().map(String::into_boxed_str).collect(),
+            properties: properties.into_iter().map(PropertyKey::new).collect(),
         }))
     }
 
@@ -115,7 +115,7 @@ impl ReadSet {
             response.map(|parts| &parts.headers),
         );
         for key in &self.properties {
-            push_property(out, exchange, key);
+            push_property(out, key.value(exchange));
         }
     }
 }
