@@ -206,6 +206,14 @@ pub(crate) fn find_cause<'e, T: std::error::Error + 'static>(
 /// work to run then (the completion phase).
 pub type OnEnd = Box<dyn FnOnce(u64, bool) -> AfterBody + Send>;
 
+/// A future made in its box. `Box::pin(future)` makes the future first, on the stack, and then
+/// copies it whole into the box; a chain's futures are kilobytes (3 KB for `proxy::run_chain`'s),
+/// most of it room for the states after the first, so that copy was most of what boxing cost.
+/// With the box there first, the future is made in it.
+pub fn pinned<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// Work to run once a response body has ended. wasmgate's own HTTP/1.1 server side runs it in
 /// the connection's task after the response is written ([`TrackedBody::keep_after_body`]), so
 /// that it costs no task of its own when it does not wait; otherwise it is spawned.
@@ -216,13 +224,13 @@ pub struct AfterBody {
 }
 
 impl AfterBody {
-    /// `work`, to be run on `runtime`.
-    pub fn new(
-        work: impl Future<Output = ()> + Send + 'static,
-        runtime: tokio::runtime::Handle,
-    ) -> AfterBody {
+    /// The work `make` makes, to be run on `runtime`; made in its box ([`pinned`]).
+    pub fn new<F>(make: impl FnOnce() -> F, runtime: tokio::runtime::Handle) -> AfterBody
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         AfterBody {
-            work: Box::pin(work),
+            work: pinned(make),
             runtime,
         }
     }

@@ -177,11 +177,14 @@ impl Connection<'_> {
             }
             let head_only = request.method() == Method::HEAD;
             let snapshot = self.shared.snapshot.load_full();
-            let mut response = crate::proxy::handle(snapshot, request, self.peer.clone()).await;
-            let keep_alive = !close && !self.stop.is_cancelled();
-            let kept = write_response(io, &mut out, &mut response, head_only, keep_alive).await;
-            // Its body's end (the completion phase) is reported before anything else waits.
-            drop(response);
+            // The response is dropped where it is, at the block's end (moved into `drop`, it
+            // would be copied first), before anything else waits: its body's end starts the
+            // completion phase.
+            let kept = {
+                let mut response = crate::proxy::handle(snapshot, request, self.peer.clone()).await;
+                let keep_alive = !close && !self.stop.is_cancelled();
+                write_response(io, &mut out, &mut response, head_only, keep_alive).await
+            };
             if !kept {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;

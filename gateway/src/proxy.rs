@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 
 use crate::body::{
     AfterBody, BodyError, BoxError, OnEnd, ProxyBody, RequestBody, ResponseBody, UpstreamBody,
-    full, streamed, streamed_until,
+    full, pinned, streamed, streamed_until,
 };
 use crate::forwarded::ClientAddr;
 use crate::h1::RawFields;
@@ -138,7 +138,7 @@ pub async fn handle(
         };
         // Boxed: a chain's future holds the plugin calls' futures and is several kilobytes
         // more; inline, it would make every request's future that big.
-        Box::pin(run_chain(&snapshot, route, request, &ids)).await
+        pinned(|| run_chain(&snapshot, route, request, &ids)).await
     };
     route
         .metrics
@@ -511,8 +511,11 @@ async fn run_chain(
             received: bytes_in.map(|counter| counter.load(Ordering::Relaxed)),
             sent,
         };
-        let completion = complete(route_name, exchange, completing, bytes, completed);
-        AfterBody::new(background.track_future(completion), runtime)
+        let completion = || {
+            let completion = complete(route_name, exchange, completing, bytes, completed);
+            background.track_future(completion)
+        };
+        AfterBody::new(completion, runtime)
     });
     Response::from_parts(parts, ResponseBody::with_on_end(response_body, on_end))
 }
