@@ -336,7 +336,7 @@ async fn run_chain(
             // Dropping the lease gives a pooled instance back for the next request.
             Ok(Decision::Continue) => {}
             Ok(Decision::Respond(response)) => {
-                answer = Some(response.map(full));
+                answer = Some((*response).map(full));
                 break;
             }
             Err(err) => match on_failure(route, link, names(&exchange), &err, &mut span) {

@@ -1140,8 +1140,9 @@ impl Drop for Lease {
 pub enum Decision {
     /// Go on to the next plugin and the upstream.
     Continue,
-    /// Answer with this response.
-    Respond(http::Response<bytes::Bytes>),
+    /// Answer with this response. Boxed: it is the rare decision, and inline it made every
+    /// call's outcome a response's size, copied at each step of its way back to the chain.
+    Respond(Box<http::Response<bytes::Bytes>>),
 }
 
 impl PluginInstance {
@@ -1458,7 +1459,7 @@ fn immediate_response(
             .map_err(|m| refuse(FailureKind::Contract, m))?;
         built.headers_mut().append(name, value);
     }
-    Ok(Decision::Respond(built))
+    Ok(Decision::Respond(Box::new(built)))
 }
 
 /// The data of a plugin instance's store.
